@@ -1,0 +1,71 @@
+"""The ``loraq`` command line.
+
+Each subcommand lives in ``analysis/commands/<name>.py`` and provides
+``register(subparsers)``, which adds its parser and sets ``func`` (a callable
+taking the parsed ``argparse.Namespace`` and returning an exit code or None).
+
+User mistakes (``ValueError``, ``TypeError``, ``FileNotFoundError``,
+``FileExistsError``, ``PermissionError``) become one line on stderr and exit
+code 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("formats", "vectors", "cost", "optimize", "report")
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraq",
+        description="Mixed-precision number formats, integer-accumulate GEMM models, "
+        "hardware cost and the LoRaQ quantizer.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"analysis.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command not built yet
+            if exc.name == f"analysis.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError,
+               PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        # `loraq` alone runs the main job.
+        args = parser.parse_args(["report"] if "report" in _registered(parser) else ["--help"])
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("loraq: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        print(f"loraq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+def _registered(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
