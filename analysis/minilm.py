@@ -185,10 +185,10 @@ def load_weights(path: str | Path | None = None) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"weights file not found: {path}")
     if not path.is_file():
         raise ValueError(f"weights path {path} is not a file; give a .safetensors file")
-    suffix = path.suffix.lower()
-    if suffix in TORCH_SUFFIXES:
+    is_safetensors = _is_safetensors(path)
+    if not is_safetensors and path.suffix.lower() in TORCH_SUFFIXES:
         return _load_torch_checkpoint(path)
-    if not _is_safetensors(path):
+    if not is_safetensors:
         raise ValueError(
             f"{path} is not a safetensors file (no valid safetensors header); "
             f"allowed: a {SAFETENSORS_SUFFIX} file, or a torch state dict "
@@ -207,17 +207,28 @@ def load_weights(path: str | Path | None = None) -> dict[str, np.ndarray]:
 
 
 def _load_torch_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    """A ``.pt``/``.bin`` state dict, via torch's weights-only unpickler only."""
+    """A ``.pt``/``.bin`` state dict, via torch's weights-only unpickler only.
+
+    torch writes a zip archive (``PK\\x03\\x04``) or, in its legacy format, a
+    bare pickle (protocol byte ``\\x80``); anything else is refused unread.
+    """
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if not (magic == b"PK\x03\x04" or magic[:1] == b"\x80"):
+        raise ValueError(
+            f"{path} is neither a safetensors file nor a torch checkpoint (it starts with "
+            f"{magic!r}); allowed: a {SAFETENSORS_SUFFIX} file or a torch state dict"
+        )
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise ValueError(
-            f"refusing to load {path}: it needs objects other than tensors unpickled, "
-            "and unpickling arbitrary objects can run arbitrary code, so it is never done "
-            "(only torch.load(weights_only=True) is used). Convert the checkpoint to "
+            f"refusing to load {path}: torch's weights-only unpickler rejected it (it needs "
+            "objects other than tensors, or it is corrupt); unpickling arbitrary objects can "
+            "run arbitrary code, so it is never done. Convert the checkpoint to "
             f".safetensors or to a plain tensor state dict. Details: {exc}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many kinds for a damaged archive
         raise ValueError(
             f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc}); "
             f"allowed: a {SAFETENSORS_SUFFIX} file or a torch state dict"

