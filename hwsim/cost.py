@@ -10,16 +10,10 @@ Anchors
 The per-action constants are calibrated to M. Horowitz, "Computing's energy
 problem (and what to do about it)", ISSCC 2014, 45 nm, 0.9 V (``HOROWITZ``):
 
-=================  ==========  ====================  ===========
-operation          energy pJ   operation             energy pJ
-=================  ==========  ====================  ===========
-int8 add           0.03        fp16 add              0.4
-int32 add          0.1         fp16 mult             1.1
-int8 mult          0.2         fp32 add              0.9
-int32 mult         3.1         fp32 mult             3.7
-64-bit read, 8 KB SRAM  10     64-bit read, 1 MB SRAM  100
-64-bit read, 32 KB SRAM 20     64-bit read, DRAM  1300-2600 (1950 used)
-=================  ==========  ====================  ===========
+* int8 add 0.03, int32 add 0.1, int8 mult 0.2, int32 mult 3.1
+* fp16 add 0.4, fp16 mult 1.1, fp32 add 0.9, fp32 mult 3.7
+* a 64-bit read: 10 from an 8 KB SRAM, 20 from 32 KB, 100 from 1 MB,
+  1300-2600 from DRAM (1950, the middle, is used)
 
 Component equations (energies in pJ at 45 nm before ``energy_scale``)
 ---------------------------------------------------------------------
@@ -107,7 +101,7 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
