@@ -876,7 +876,10 @@ def layer_cost(layer, config, *, rank: int | None = None, tokens: int | None = N
     ``config`` a ``Config`` or a configuration string (parsed with ``main`` /
     ``branch``). The rank is the config's own, else ``rank``, else 32; a rank
     above min(in, out) is an error. Depthwise layers (``kind="depthwise"``,
-    ``kernel`` taps per channel) run on the main datapath with no branch.
+    ``kernel`` taps per channel) run on the main datapath with no branch: each
+    output is a ``kernel``-long dot product (one partial block), the weights
+    are C x kernel quantized along the taps, and x (T x C, quantized along the
+    channels) is read once, as if line buffers fed the taps.
     """
     from hwsim.models import Layer, as_layer
     m = model or CostModel()
@@ -895,9 +898,10 @@ def layer_cost(layer, config, *, rank: int | None = None, tokens: int | None = N
         macs = T * nout * K
         macs_by[dp_main] = macs
         compute["main_mac"] = T * nout * sum(dot_product_energy(cfg.main_weight, cfg.main_act, K, m).values())
-        compute["quantize_x"] = quantize_energy_pj(T * nout, K, cfg.main_act, m)
+        # x is quantized along the channels and read once (line buffers feed the taps)
+        compute["quantize_x"] = quantize_energy_pj(T, nout, cfg.main_act, m)
         wbits = matrix_storage_bits(nout, K, cfg.main_weight)
-        act_bits = matrix_storage_bits(T * nout, K, cfg.main_act)
+        act_bits = matrix_storage_bits(T, nout, cfg.main_act)
         out_bits = T * nout * m.output_bits
         compute["output"] = quantize_energy_pj(T, nout, _FP16, m)
         memory["weights"] = wbits * m.pj_per_bit(m.weight_level)
