@@ -1045,5 +1045,6 @@ def model_cost(layers: Iterable, configs: Iterable = DEFAULT_CONFIGS, *, rank: i
             "intermediate_level": m.intermediate_level, "output_bits": m.output_bits,
             "equal_memory": bool(equal_memory), "ref_rank": ref_rank, "ref_bits": ref_bits,
             "rank": rank, "throughput_macs_per_cycle": throughput,
+            "cost_model": dataclasses.asdict(m),
         },
     }
