@@ -1,0 +1,393 @@
+"""Simulated quantized linear layers: a drop-in ``nn.Linear`` for a W/A configuration.
+
+A layer ``y = x W^T + b`` (x: T x in, W: out x in) quantized with a LoRaQ /
+SVDQuant / RTN result for a configuration such as ``W4A4+W8A8`` computes::
+
+    x~  = x / s                                  (s: per-input-channel smoothing, 1 if none)
+    y   = Qa1(x~) Q1(P)^T                         main path, T x out
+        + Qa2( Qa2(x~) R_q^T ) L_q^T             branch: R_q = Q2(Omega^T R) r x in,
+                                                 L_q = Q2(L Omega) out x r
+        + b                                      all sums in FP32
+
+``Qa1`` / ``Qa2`` quantize activations per token along the reduction axis (the
+input features for the first GEMMs, the rank for the second branch GEMM) to the
+main / branch activation format; ``Q1(P)``, ``R_q``, ``L_q`` are the stored
+QTensors of the result, quantized along their reduction axis too. An FP16
+branch (SVDQuant) rounds x~ and x~ R^T to fp16 and keeps R, L in fp16.
+
+Two modes compute the same arithmetic:
+
+* ``"fast"``: fake-quantized operands (``numfmt.torch.fake_quantize``, bit
+  identical to quantize + dequantize) and float32 GEMMs (torch / BLAS);
+* ``"exact"``: the quantized GEMMs run through ``hwsim.matmul`` with the
+  chosen in-block ``Accumulator`` (exact, wrap or saturate at P bits) and the
+  inter-block float accumulator, as a MAC array computes them.
+
+With unlimited accumulators the two differ only by FP32 summation order.
+
+Statistics (``stats=True``): per call, the activation quantization error
+||x - Qa(x)||^2 and ||x||^2 summed over all tokens (main and branch inputs), and
+the observed in-block accumulator width: the largest |sum over one block of
+integer products| (in product-quantum units) over every block, token and
+output, as ``bits = ceil(log2(max + 1)) + 1`` (sign included). Data-free
+bounds live beside it: ``acc_bits_worst`` (A2Q from the formats alone) and
+``acc_bits_l1`` (A2Q's l1-norm bound from the stored weight codes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+import numfmt
+import numfmt.torch as nft
+from numfmt.formats import BlockFormat, FloatFormat, IntFormat
+from hwsim.accumulator import element_of, worst_case_bits
+
+__all__ = ["QuantLinear", "LayerStats", "observed_bits", "l1_bound_bits", "block_len",
+           "integer_values", "width_of", "MODES"]
+
+MODES = ("fast", "exact")
+
+
+def width_of(max_abs: float) -> int:
+    """Signed accumulator bits that hold integers up to ``max_abs``: ceil(log2(max_abs + 1)) + 1."""
+    return int(math.ceil(math.log2(float(max_abs) + 1.0))) + 1
+
+
+def block_len(a_fmt, b_fmt, k: int) -> int:
+    """Length of one in-block integer dot product of two formats along K.
+
+    The gcd of the operands' block sizes (a format without per-block scales
+    spans all of K); K when neither has blocks.
+    """
+    sizes = []
+    for f in (a_fmt, b_fmt):
+        f = numfmt.get(f)
+        if isinstance(f, BlockFormat) and f.block_size is not None:
+            sizes.append(f.block_size)
+    return min(math.gcd(*sizes), k) if sizes else k
+
+
+def _quantum(elem) -> float:
+    return 1.0 if isinstance(elem, IntFormat) else float(elem.min_subnormal)
+
+
+def integer_values(q) -> np.ndarray:
+    """Element values of a QTensor in units of its element quantum (exact integers, float64).
+
+    Integer elements give their signed value; float elements their value divided
+    by the smallest subnormal, which every element value is a multiple of.
+    """
+    elem = element_of(q.format)
+    table = numfmt.decode_table(elem)
+    vals = table[q.codes.astype(np.int64)]
+    vals = np.where(np.isfinite(vals), vals, 0.0)
+    return vals / _quantum(elem)
+
+
+def observed_bits(a, b) -> int:
+    """Accumulator bits the in-block integer sums of ``a @ b.T`` actually need.
+
+    ``a`` (M x K) and ``b`` (N x K) are QTensors quantized along K (axis 1).
+    Every block of ``block_len`` products is summed exactly in product-quantum
+    units; returns ``width_of(max |block sum|)`` (2 for all-zero data).
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a is {a.shape} and b is {b.shape}; their K (axis 1) must agree")
+    K = a.shape[1]
+    B = block_len(a.format, b.format, K)
+    av, bv = integer_values(a), integer_values(b)
+    # float32 holds the block sums exactly while the worst case fits in 24 bits.
+    exact32 = worst_case_bits(a.format, b.format, B) <= 24
+    dt = torch.float32 if exact32 else torch.float64
+    M, N = av.shape[0], bv.shape[0]
+    nb = -(-K // B)
+    pad = nb * B - K
+    if pad:  # zero products in a partial last block change no sum
+        av = np.pad(av, ((0, 0), (0, pad)))
+        bv = np.pad(bv, ((0, 0), (0, pad)))
+    if M == 0 or N == 0:
+        return width_of(0.0)
+    ta = torch.from_numpy(av).to(dt).reshape(M, nb, B).transpose(0, 1)   # nb x M x B
+    tb = torch.from_numpy(bv).to(dt).reshape(N, nb, B).permute(1, 2, 0)  # nb x B x N
+    best = 0.0
+    step = max(1, (1 << 24) // max(M * N, 1))  # bound the nb x M x N temporary
+    for j in range(0, nb, step):
+        part = torch.bmm(ta[j:j + step], tb[j:j + step])
+        best = max(best, float(part.max()), -float(part.min()))
+    return width_of(best)
+
+
+def l1_bound_bits(weight, act_fmt) -> int:
+    """A2Q's data-aware bound: bits no input in ``act_fmt`` can overflow, given the weights.
+
+    For output row o and block j: |sum_i w_oi x_i| <= ||w_oj||_1 * max|x|, with
+    w and x in quantum units (``integer_values``) and max|x| the largest
+    element magnitude of ``act_fmt``. Returns width_of(max over o, j).
+    ``weight`` is a QTensor (out x K, along axis 1).
+    """
+    elem = element_of(act_fmt)
+    if isinstance(elem, IntFormat):
+        xmax = float(max(elem.max_code, -elem.min_code))
+    else:
+        xmax = float(elem.max_normal) / _quantum(elem)
+    wv = np.abs(integer_values(weight))
+    K = weight.shape[1]
+    B = block_len(weight.format, act_fmt, K)
+    nb = -(-K // B)
+    pad = nb * B - K
+    if pad:
+        wv = np.pad(wv, ((0, 0), (0, pad)))
+    l1 = wv.reshape(wv.shape[0], nb, B).sum(axis=2)
+    return width_of(float(l1.max()) * xmax if l1.size else 0.0)
+
+
+@dataclass
+class LayerStats:
+    """Running statistics of one simulated layer (sums over every token seen).
+
+    ``act_err2`` / ``act_norm2``: sum of ||x - Qa1(x)||^2 and ||x||^2 (main
+    path input); ``branch_act_err2`` / ``branch_act_norm2`` the same for the
+    branch input; ``acc_bits_observed`` per GEMM (``main``, ``branch_in``,
+    ``branch_out``), the maximum over calls; ``tokens`` rows seen.
+    """
+
+    act_err2: float = 0.0
+    act_norm2: float = 0.0
+    branch_act_err2: float = 0.0
+    branch_act_norm2: float = 0.0
+    acc_bits_observed: dict = field(default_factory=dict)
+    tokens: int = 0
+
+    @property
+    def act_error(self) -> float | None:
+        """Relative activation quantization error of the main path, sqrt(err2 / norm2)."""
+        return math.sqrt(self.act_err2 / self.act_norm2) if self.act_norm2 > 0 else None
+
+    @property
+    def branch_act_error(self) -> float | None:
+        return (math.sqrt(self.branch_act_err2 / self.branch_act_norm2)
+                if self.branch_act_norm2 > 0 else None)
+
+    def note_bits(self, gemm: str, bits: int) -> None:
+        self.acc_bits_observed[gemm] = max(int(bits), self.acc_bits_observed.get(gemm, 0))
+
+
+def _as_fmt(f):
+    return None if f is None else numfmt.get(f)
+
+
+def _is_ieee(f) -> bool:
+    return isinstance(f, FloatFormat)
+
+
+class QuantLinear(nn.Module):
+    """Simulated quantized replacement of an ``nn.Linear`` (see the module docstring).
+
+    Parameters
+    ----------
+    main : QTensor, out x in along axis 1 -- Q1(P) (or RTN of W for W4A4).
+    main_act : activation format of the main path (mxint4, sint4, mxfp4, ...).
+    left, right : QTensors Q2(L Omega) (out x r, axis 1) and Q2(Omega^T R)
+        (r x in, axis 1), or None for no branch.
+    branch_act : activation format of the branch (fp16 for an FP16 branch).
+    bias : float tensor (out,) or None.
+    smooth : per-input-channel divisor s (in,) or None; the weights already hold
+        W diag(s).
+    mode : "fast" or "exact"; ``acc`` / ``inter_block`` are passed to
+        ``hwsim.matmul`` in exact mode.
+    """
+
+    def __init__(self, main, main_act, *, left=None, right=None, branch_act=None, bias=None,
+                 smooth=None, mode: str = "fast", acc=None, inter_block=None, name: str = ""):
+        super().__init__()
+        if (left is None) != (right is None):
+            raise ValueError("give both left and right for a branch, or neither")
+        if left is not None and branch_act is None:
+            raise ValueError("a branch needs branch_act (its activation format)")
+        out_f, in_f = main.shape
+        if left is not None:
+            if left.shape[0] != out_f or right.shape[1] != in_f or left.shape[1] != right.shape[0]:
+                raise ValueError(f"branch shapes left {left.shape} and right {right.shape} do not "
+                                 f"fit main {main.shape}")
+        self.name = name
+        self.in_features, self.out_features = in_f, out_f
+        self.main_q, self.left_q, self.right_q = main, left, right
+        self.main_act = _as_fmt(main_act)
+        self.branch_act = _as_fmt(branch_act)
+        self.rank = 0 if left is None else int(left.shape[1])
+        self.register_buffer("weight", torch.from_numpy(numfmt.dequantize(main)))
+        if left is not None:
+            self.register_buffer("left", torch.from_numpy(numfmt.dequantize(left)))
+            self.register_buffer("right", torch.from_numpy(numfmt.dequantize(right)))
+        else:
+            self.left = self.right = None
+        self.register_buffer("bias", None if bias is None else
+                             torch.as_tensor(bias, dtype=torch.float32).detach().clone())
+        self.register_buffer("smooth", None if smooth is None else
+                             torch.as_tensor(np.asarray(smooth, dtype=np.float32)).clone())
+        self.mode = mode
+        self.acc = acc
+        self.inter_block = inter_block
+        self.collect_stats = False
+        self.stats = LayerStats()
+        self._check_mode()
+
+    def _check_mode(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not allowed; allowed: {MODES}")
+
+    @classmethod
+    def from_result(cls, result, config, *, bias=None, mode: str = "fast", acc=None,
+                    inter_block=None, name: str = "") -> "QuantLinear":
+        """Build from a LoRaQ-style result (``main``, ``left``, ``right``, ``smooth``) and a
+        ``hwsim.cost.Config`` (its ``main_act`` / ``branch_act`` formats)."""
+        left = getattr(result, "left", None)
+        right = getattr(result, "right", None)
+        has_branch = left is not None and getattr(result, "rank", 1) and config.has_branch
+        return cls(result.main, config.main_act,
+                   left=left if has_branch else None, right=right if has_branch else None,
+                   branch_act=config.branch_act if has_branch else None, bias=bias,
+                   smooth=getattr(result, "smooth", None), mode=mode, acc=acc,
+                   inter_block=inter_block, name=name)
+
+    def extra_repr(self) -> str:
+        br = f", rank={self.rank}, branch_act={self.branch_act.name}" if self.rank else ""
+        return (f"in={self.in_features}, out={self.out_features}, main={self.main_q.format.name}, "
+                f"main_act={self.main_act.name}{br}, mode={self.mode}")
+
+    # -- data-free accumulator bounds ---------------------------------------
+    def acc_bits_worst(self) -> dict:
+        """A2Q worst case per GEMM from the formats alone (in-block length)."""
+        out = {"main": worst_case_bits(self.main_q.format, self.main_act,
+                                       block_len(self.main_q.format, self.main_act, self.in_features))}
+        if self.rank and not _is_ieee(self.branch_act):
+            out["branch_in"] = worst_case_bits(self.right_q.format, self.branch_act, block_len(
+                self.right_q.format, self.branch_act, self.in_features))
+            out["branch_out"] = worst_case_bits(self.left_q.format, self.branch_act, block_len(
+                self.left_q.format, self.branch_act, self.rank))
+        return out
+
+    def acc_bits_l1(self) -> dict:
+        """A2Q's l1-norm bound per GEMM from the stored weight codes."""
+        out = {"main": l1_bound_bits(self.main_q, self.main_act)}
+        if self.rank and not _is_ieee(self.branch_act):
+            out["branch_in"] = l1_bound_bits(self.right_q, self.branch_act)
+            out["branch_out"] = l1_bound_bits(self.left_q, self.branch_act)
+        return out
+
+    # -- forward -------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"layer {self.name or ''} expects {self.in_features} input features, "
+                             f"got input of shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
+        if self.mode == "fast":
+            y = self._fast(x2)
+        else:
+            y = self._exact(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _note_act(self, x2: torch.Tensor, xq: torch.Tensor, branch: bool) -> None:
+        err = float(torch.sum((x2 - xq) ** 2, dtype=torch.float64))
+        nrm = float(torch.sum(x2 * x2, dtype=torch.float64))
+        if branch:
+            self.stats.branch_act_err2 += err
+            self.stats.branch_act_norm2 += nrm
+        else:
+            self.stats.act_err2 += err
+            self.stats.act_norm2 += nrm
+
+    def _fast(self, x2: torch.Tensor) -> torch.Tensor:
+        st = self.collect_stats
+        xm = nft.fake_quantize(x2, self.main_act, axis=-1)
+        y = xm @ self.weight.T
+        if st:
+            self.stats.tokens += x2.shape[0]
+            self._note_act(x2, xm, False)
+            self.stats.note_bits("main", observed_bits(nft.quantize(x2, self.main_act, axis=-1),
+                                                       self.main_q))
+        if self.rank:
+            xb = nft.fake_quantize(x2, self.branch_act, axis=-1)
+            h = xb @ self.right.T
+            hq = nft.fake_quantize(h, self.branch_act, axis=-1)
+            y = y + hq @ self.left.T
+            if st:
+                self._note_act(x2, xb, True)
+                if not _is_ieee(self.branch_act):
+                    self.stats.note_bits("branch_in", observed_bits(
+                        nft.quantize(x2, self.branch_act, axis=-1), self.right_q))
+                    self.stats.note_bits("branch_out", observed_bits(
+                        nft.quantize(h, self.branch_act, axis=-1), self.left_q))
+        return y
+
+    def _gemm(self, a, b, gemm: str) -> torch.Tensor:
+        """a (M x K) @ b (N x K)^T through hwsim.matmul; float32 GEMM for an IEEE (fp16) pair."""
+        if _is_ieee(a.format) and _is_ieee(b.format):
+            # fp16 x fp16 products are exact in fp32; tensor-core style fp32 accumulation.
+            return torch.from_numpy(numfmt.dequantize(a)) @ torch.from_numpy(numfmt.dequantize(b)).T
+        import hwsim
+        kw = {}
+        if self.acc is not None:
+            kw["acc"] = self.acc
+        if self.inter_block is not None:
+            kw["inter_block"] = self.inter_block
+        res = hwsim.matmul(a, b, **kw)
+        if self.collect_stats and getattr(res, "acc_bits_needed", None) is not None:
+            self.stats.note_bits(gemm, res.acc_bits_needed)
+        return torch.from_numpy(np.asarray(res.out, dtype=np.float32))
+
+    def _exact(self, x2: torch.Tensor) -> torch.Tensor:
+        st = self.collect_stats
+        xq = nft.quantize(x2, self.main_act, axis=-1)
+        if st:
+            self.stats.tokens += x2.shape[0]
+            self._note_act(x2, torch.from_numpy(numfmt.dequantize(xq)), False)
+        y = self._gemm(xq, self.main_q, "main")
+        if self.rank:
+            xb = nft.quantize(x2, self.branch_act, axis=-1)
+            if st:
+                self._note_act(x2, torch.from_numpy(numfmt.dequantize(xb)), True)
+            h = self._gemm(xb, self.right_q, "branch_in")
+            hq = nft.quantize(h, self.branch_act, axis=-1)
+            y = y + self._gemm(hq, self.left_q, "branch_out")
+        return y
+
+
+def swap_linears(model: nn.Module, factory) -> dict[str, nn.Module]:
+    """Replace every ``nn.Linear`` submodule ``m`` named ``name`` by ``factory(name, m)``.
+
+    Returns ``{name: original module}`` so the swap can be undone with
+    ``restore_linears``. ``factory`` may return the original to leave it.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    originals = {}
+    for name in names:
+        mod = model.get_submodule(name)
+        originals[name] = mod
+        _set_submodule(model, name, factory(name, mod))
+    return originals
+
+
+def restore_linears(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Undo ``swap_linears``."""
+    for name, mod in originals.items():
+        _set_submodule(model, name, mod)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+__all__ += ["swap_linears", "restore_linears"]
