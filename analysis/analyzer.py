@@ -1,0 +1,644 @@
+"""Error-propagation analyzer: per-layer and end-to-end error of a model under W/A configurations.
+
+For a torch model, calibration inputs, evaluation inputs and configurations such
+as ``W4A4``, ``W4A4+FP16r32``, ``W4A4+W8A8``, every ``nn.Linear`` (weight W,
+out x in) is quantized (``quantize_weight``: RTN for a main-only config,
+SVDQuant for an FP16 branch, LoRaQ for a quantized branch) and replaced by a
+``analysis.layers.QuantLinear``. Per layer it measures, on the evaluation
+inputs (real tokens only when the inputs carry an ``attention_mask``):
+
+* ``weight_error``  = ||W - W_eff||_F / ||W||_F with the effective weight
+  W_eff = (Q1(P) + L_q R_q) diag(1/s) (s the smoothing vector, 1 if none);
+* ``act_error``     = sqrt(sum ||x - Qa1(x)||^2 / sum ||x||^2) over the layer's
+  full-precision inputs x (``branch_act_error`` for the branch input);
+* ``local_sqnr_db`` = 10 log10(sum y^2 / sum (y - y_q)^2), y the full-precision
+  layer's output and y_q the simulated layer's output on the same FP input;
+* ``propagated_sqnr_db``: the same with y_q taken inside the fully quantized
+  model (every linear swapped), so errors of earlier layers are included;
+* accumulator widths (bits, sign included) of the main GEMM: ``acc_bits_worst``
+  (A2Q from the formats and the in-block length), ``acc_bits_l1`` (A2Q's
+  l1-norm bound from the weight codes), ``acc_bits_observed`` (largest in-block
+  sum on the FP inputs); ``branch_acc_bits_*`` the maxima over the branch GEMMs;
+* cost from ``hwsim.cost.layer_cost`` for ``tokens`` tokens: ``energy_pj``,
+  ``weight_bits``, ``branch_bits``, ``macs``.
+
+End metrics on the evaluation outputs (rows of the model's output, e.g.
+MiniLM's unit sentence embeddings): ``mean_cosine`` / ``min_cosine`` of
+cos(e_fp, e_q) per row, and ``top1_agreement``, the fraction of rows i whose
+nearest other row j != i (by cosine) is the same in the quantized outputs as in
+the full-precision outputs.
+
+A weights-only analysis (``analyze_weights``; a safetensors file without a
+runnable model) gives weight error, accumulator bounds and cost, without
+activations, propagation or end metrics.
+
+Layer optimizations can be cached in a directory (``cache_dir``): one result
+per configuration and layer, written atomically with a completion marker, so
+an interrupted run redoes nothing that finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import numfmt
+from hwsim.cost import CONFIG_GRAMMAR, Config, layer_cost, parse_config
+from analysis.io import atomic_write_json
+from analysis.layers import QuantLinear, restore_linears, swap_linears
+
+__all__ = [
+    "DEFAULT_CONFIGS", "METHODS", "parse_configs", "method_for", "quantize_weight",
+    "sqnr_db", "end_metrics", "analyze", "analyze_weights", "analyze_minilm", "LayerCache",
+]
+
+DEFAULT_CONFIGS = ("W4A4", "W4A4+FP16r32", "W4A4+W8A8", "W4A4+W6A6", "W4A4+W4A8")
+METHODS = ("rtn", "svdquant", "loraq", "lqer", "loftq", "naive")
+DEFAULT_TOKENS = 128  # cost per 128-token sequence (MiniLM's input length)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def parse_configs(configs, main="mxint4", branch="mxint") -> list[Config]:
+    """Parse a comma-separated string or a list of configuration strings.
+
+    Raises ``ValueError`` with the grammar for a bad string, and for duplicates.
+    """
+    if isinstance(configs, str):
+        items = [c.strip() for c in configs.split(",") if c.strip()]
+    else:
+        items = [c if isinstance(c, Config) else str(c).strip() for c in configs]
+    if not items:
+        raise ValueError(f"no configurations given; grammar: {CONFIG_GRAMMAR}")
+    out = [c if isinstance(c, Config) else parse_config(c, main=main, branch=branch) for c in items]
+    names = [c.name for c in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"configurations {dup} are given more than once")
+    return out
+
+
+def method_for(config: Config) -> str:
+    """The default method: rtn without a branch, svdquant for FP16, loraq otherwise."""
+    if not config.has_branch:
+        return "rtn"
+    return "svdquant" if config.fp16_branch else "loraq"
+
+
+def _fmt_name(f) -> str:
+    return numfmt.get(f).name
+
+
+def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None, seed: int = 0,
+                    steps: int | None = None, activations: np.ndarray | None = None):
+    """Quantize one weight (out x in) for ``config`` with ``method`` (default ``method_for``).
+
+    ``activations`` (tokens x in, float32) are passed to SVDQuant for its
+    smoothing; LoRaQ is data-free. FP16 branches use rank ``config.rank`` (32
+    if none); quantized branches ``config.rank`` or the equal-memory rank
+    against an FP16 rank-32 branch. Returns the ``analysis.loraq`` result.
+    """
+    from analysis import loraq
+
+    method = method or method_for(config)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed; allowed: {METHODS}")
+    main = _fmt_name(config.main_weight)
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if method == "rtn" or not config.has_branch:
+        return loraq.rtn(W, main=main)
+    branch = "fp16" if config.fp16_branch else _fmt_name(config.branch_weight)
+    if method == "svdquant":
+        return loraq.svdquant(W, main=main, rank=config.rank or 32, activations=activations)
+    if method == "loraq":
+        kw = {} if steps is None else {"steps": steps}
+        return loraq.optimize(W, main=main, branch=branch, rank=config.rank, seed=seed, **kw)
+    fn = getattr(loraq, method)
+    return fn(W, main=main, branch=branch, rank=config.rank)
+
+
+def effective_weight(result) -> np.ndarray:
+    """(Q1(P) + L_q R_q) diag(1/s): the weight the simulated layer applies to x, float64."""
+    w = numfmt.dequantize(result.main).astype(np.float64)
+    left = getattr(result, "left", None)
+    if left is not None and getattr(result, "rank", 1):
+        w = w + numfmt.dequantize(left).astype(np.float64) @ numfmt.dequantize(result.right).astype(np.float64)
+    smooth = getattr(result, "smooth", None)
+    if smooth is not None:
+        w = w / np.asarray(smooth, dtype=np.float64)[None, :]
+    return w
+
+
+def weight_error(W: np.ndarray, result) -> float:
+    """||W - W_eff||_F / ||W||_F (see ``effective_weight``)."""
+    W = np.asarray(W, dtype=np.float64)
+    n = float(np.linalg.norm(W))
+    return float(np.linalg.norm(W - effective_weight(result)) / n) if n > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+class LayerCache:
+    """Per-(configuration, layer) results in a directory, each finished one marked done.
+
+    ``<dir>/<config>/<layer>`` is the ``save_result`` stem; ``<stem>.done.json``
+    is written (atomically) after it with the settings key, and a result is
+    reused only when its marker exists with the same key.
+    """
+
+    def __init__(self, directory, key: str = ""):
+        self.dir = Path(directory)
+        self.key = key
+
+    def stem(self, config: str, layer: str) -> Path:
+        return self.dir / _slug(config) / _slug(layer)
+
+    def _marker(self, stem: Path) -> Path:
+        return stem.with_name(stem.name + ".done.json")
+
+    def load(self, config: str, layer: str):
+        from analysis import loraq
+        stem = self.stem(config, layer)
+        marker = self._marker(stem)
+        if not marker.is_file():
+            return None
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if info.get("key") != self.key:
+            return None
+        try:
+            return loraq.load_result(stem)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def save(self, config: str, layer: str, result) -> None:
+        from analysis import loraq
+        stem = self.stem(config, layer)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        loraq.save_result(result, stem)
+        atomic_write_json(self._marker(stem), {"key": self.key, "config": config, "layer": layer})
+
+    def load_json(self, config: str, name: str):
+        p = self.dir / _slug(config) / (name + ".json")
+        if not p.is_file():
+            return None
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return d.get("value") if d.get("key") == self.key else None
+
+    def save_json(self, config: str, name: str, value) -> None:
+        atomic_write_json(self.dir / _slug(config) / (name + ".json"), {"key": self.key, "value": value})
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def sqnr_db(ref: torch.Tensor | np.ndarray, test: torch.Tensor | np.ndarray) -> float:
+    """10 log10(sum ref^2 / sum (ref - test)^2) in dB (float64 sums); inf when equal."""
+    r = torch.as_tensor(ref).to(torch.float32)
+    t = torch.as_tensor(test).to(torch.float32)
+    sig = float(torch.sum(r * r, dtype=torch.float64))
+    noise = float(torch.sum((r - t) ** 2, dtype=torch.float64))
+    if noise == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / noise)
+
+
+def end_metrics(fp: np.ndarray, q: np.ndarray) -> dict:
+    """Cosine similarity and top-1 nearest-neighbour agreement of two (N, d) output sets.
+
+    ``mean_cosine`` / ``min_cosine`` of cos(fp_i, q_i); ``top1_agreement``: the
+    fraction of i whose nearest neighbour argmax_{j != i} cos(x_i, x_j) is the
+    same j in q as in fp (None for fewer than 3 rows).
+    """
+    a = np.asarray(fp, dtype=np.float64).reshape(len(fp), -1)
+    b = np.asarray(q, dtype=np.float64).reshape(len(q), -1)
+    if a.shape != b.shape:
+        raise ValueError(f"output shapes differ: {a.shape} and {b.shape}")
+
+    def unit(x):
+        n = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(n > 0, n, 1.0)
+
+    ua, ub = unit(a), unit(b)
+    cos = np.sum(ua * ub, axis=1)
+    out = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "top1_agreement": None,
+           "n": int(len(a))}
+    if len(a) >= 3:
+        def nn_index(u):
+            s = u @ u.T
+            np.fill_diagonal(s, -np.inf)
+            return np.argmax(s, axis=1)
+
+        out["top1_agreement"] = float(np.mean(nn_index(ua) == nn_index(ub)))
+    return out
+
+
+# --------------------------------------------------------------------------- running models
+
+
+def _call(model: nn.Module, batch):
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _row_mask(batch) -> torch.Tensor | None:
+    if isinstance(batch, Mapping) and "attention_mask" in batch:
+        return torch.as_tensor(batch["attention_mask"]).bool()
+    return None
+
+
+def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Flatten (..., F) to rows, keeping only rows where ``mask`` (B, T) is set."""
+    t = t.detach().to(torch.float32)
+    if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask]
+    return t.reshape(-1, t.shape[-1])
+
+
+def _output_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, Mapping):
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    raise TypeError(f"the model's output must be a tensor (or a tuple / dict holding one), got "
+                    f"{type(out).__name__}")
+
+
+def _run(model: nn.Module, batches: Sequence, names: Sequence[str], *, inputs: bool,
+         outputs: bool = True) -> tuple[dict, dict, torch.Tensor]:
+    """Run ``batches``; capture each named linear's input / output rows and the model outputs."""
+    cap_in: dict[str, list] = {n: [] for n in names}
+    cap_out: dict[str, list] = {n: [] for n in names}
+    state = {"mask": None}
+    handles = []
+    for name in names:
+        mod = model.get_submodule(name)
+
+        def hook(m, args, out, name=name):
+            if inputs:
+                cap_in[name].append(_rows(args[0], state["mask"]))
+            if outputs:
+                cap_out[name].append(_rows(out, state["mask"]))
+
+        handles.append(mod.register_forward_hook(hook))
+    finals = []
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                state["mask"] = _row_mask(batch)
+                finals.append(_rows(_output_tensor(_call(model, batch)), None))
+    finally:
+        for h in handles:
+            h.remove()
+    cat = lambda d: {k: torch.cat(v) if v else None for k, v in d.items()}  # noqa: E731
+    return cat(cap_in), cat(cap_out), torch.cat(finals) if finals else torch.empty(0)
+
+
+def _check_batches(model: nn.Module, batches, what: str) -> list:
+    if batches is None:
+        raise ValueError(f"{what} inputs are required for a torch model")
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{what} inputs are empty; give at least one batch")
+    try:
+        with torch.inference_mode():
+            _call(model, batches[0])
+    except (RuntimeError, IndexError) as exc:
+        shape = _describe(batches[0])
+        raise ValueError(f"{what} inputs of shape {shape} do not fit the model: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return batches
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return str(tuple(batch.shape))
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+class _Progress:
+    """Adapter: ``progress(done_increment, description)`` or a tqdm-like object or None."""
+
+    def __init__(self, progress):
+        self.p = progress
+
+    def step(self, n: int = 1, desc: str | None = None) -> None:
+        if self.p is None:
+            return
+        if callable(getattr(self.p, "update", None)):
+            if desc is not None and hasattr(self.p, "set_postfix_str"):
+                self.p.set_postfix_str(desc, refresh=False)
+            self.p.update(n)
+        else:
+            self.p(n, desc)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _gemm_bits(worst: dict, l1: dict, observed: dict) -> dict:
+    def bmax(d):
+        vals = [v for k, v in d.items() if k != "main" and v is not None]
+        return max(vals) if vals else None
+
+    return {
+        "acc_bits_worst": worst.get("main"), "acc_bits_l1": l1.get("main"),
+        "acc_bits_observed": observed.get("main"),
+        "branch_acc_bits_worst": bmax(worst), "branch_acc_bits_l1": bmax(l1),
+        "branch_acc_bits_observed": bmax(observed),
+    }
+
+
+def _cost_fields(name: str, shape, cfg: Config, rank: int, tokens: int) -> dict:
+    out_f, in_f = shape
+    lc = layer_cost((name, in_f, out_f, tokens), cfg, rank=max(rank, 1) if cfg.has_branch else None)
+    return {"energy_pj": lc.energy_pj, "compute_energy_pj": lc.compute_energy_pj,
+            "memory_energy_pj": lc.memory_energy_pj, "compute_pj": dict(lc.compute_pj),
+            "memory_pj": dict(lc.memory_pj), "weight_bits": lc.weight_bits,
+            "main_weight_bits": lc.main_weight_bits, "branch_bits": lc.branch_weight_bits,
+            "macs": lc.macs}
+
+
+def _summary(layers: list[dict], main_only_bits: int) -> dict:
+    def vals(k):
+        return [l[k] for l in layers if l.get(k) is not None and math.isfinite(l[k])]
+
+    def mean(k):
+        v = vals(k)
+        return float(np.mean(v)) if v else None
+
+    s = {
+        "weight_error_mean": mean("weight_error"),
+        "weight_error_max": max(vals("weight_error"), default=None),
+        "local_sqnr_db_mean": mean("local_sqnr_db"),
+        "local_sqnr_db_min": min(vals("local_sqnr_db"), default=None),
+        "propagated_sqnr_db_mean": mean("propagated_sqnr_db"),
+        "propagated_sqnr_db_min": min(vals("propagated_sqnr_db"), default=None),
+        "act_error_mean": mean("act_error"),
+        "acc_bits_worst_max": max(vals("acc_bits_worst"), default=None),
+        "acc_bits_l1_max": max(vals("acc_bits_l1"), default=None),
+        "acc_bits_observed_max": max(vals("acc_bits_observed"), default=None),
+    }
+    weight_bits = int(sum(l["weight_bits"] for l in layers))
+    s["weight_bits"] = weight_bits
+    s["memory_overhead_bits"] = weight_bits - int(main_only_bits)
+    s["energy_pj"] = float(sum(l["energy_pj"] for l in layers))
+    comp: dict[str, float] = {}
+    mem: dict[str, float] = {}
+    for l in layers:
+        for k, v in l["compute_pj"].items():
+            comp[k] = comp.get(k, 0.0) + v
+        for k, v in l["memory_pj"].items():
+            mem[k] = mem.get(k, 0.0) + v
+    s["compute_pj"], s["memory_pj"] = comp, mem
+    ranks = [l["rank"] for l in layers]
+    s["rank_min"], s["rank_max"] = (min(ranks), max(ranks)) if ranks else (0, 0)
+    return s
+
+
+def _clean(x):
+    """JSON-safe: non-finite floats become None; numpy scalars become Python numbers."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, seed, steps,
+                     activations, cache: LayerCache | None, progress: _Progress) -> dict:
+    method = (methods or {}).get(cfg.name) or method_for(cfg)
+    results = {}
+    for name, W in weights.items():
+        res = cache.load(cfg.name, name) if cache is not None else None
+        if res is None:
+            acts = None if activations is None else activations.get(name)
+            res = quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts)
+            if cache is not None:
+                cache.save(cfg.name, name, res)
+        results[name] = res
+        progress.step(1, f"{cfg.name} {name}")
+    return results
+
+
+def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluation=None, *,
+            main="mxint4", branch="mxint", seed: int = 0, steps: int | None = None,
+            tokens: int = DEFAULT_TOKENS, mode: str = "fast", methods: dict | None = None,
+            cache_dir=None, cache_key: str = "", progress=None) -> dict:
+    """Analyze every ``nn.Linear`` of ``model`` under each configuration.
+
+    ``calibration`` / ``evaluation``: lists of batches, each a tensor (one
+    positional input), a tuple (positional inputs) or a dict (keyword inputs;
+    an ``attention_mask`` (B, T) restricts token statistics to real tokens).
+    Calibration activations feed SVDQuant's smoothing; every measurement is on
+    the evaluation batches (calibration is used when none are given).
+    ``methods`` maps a configuration name to a method in ``METHODS``.
+    Returns ``{"configs": {name: {...}}, "layer_names": [...]}`` (see
+    ``analysis.report`` for the fields). The model is left unchanged.
+    """
+    cfgs = parse_configs(configs, main=main, branch=branch)
+    names = _linear_names(model)
+    if not names:
+        raise ValueError("the model has no nn.Linear layers to analyze")
+    calibration = _check_batches(model, calibration, "calibration")
+    evaluation = _check_batches(model, evaluation, "evaluation") if evaluation is not None else calibration
+    prog = _Progress(progress)
+    cache = LayerCache(cache_dir, cache_key) if cache_dir is not None else None
+    mods = {n: model.get_submodule(n) for n in names}
+    weights = {n: mods[n].weight.detach().to(torch.float32).numpy().copy() for n in names}
+    biases = {n: (None if mods[n].bias is None else mods[n].bias.detach().to(torch.float32).clone())
+              for n in names}
+
+    need_acts = any(((methods or {}).get(c.name) or method_for(c)) == "svdquant" for c in cfgs)
+    acts = None
+    if need_acts:
+        cal_in, _, _ = _run(model, calibration, names, inputs=True, outputs=False)
+        acts = {n: cal_in[n].numpy() for n in names}
+    fp_in, fp_out, fp_final = _run(model, evaluation, names, inputs=True)
+
+    out = {"layer_names": names, "configs": {}}
+    for cfg in cfgs:
+        done = cache.load_json(cfg.name, "measured") if cache is not None else None
+        if done is not None:
+            prog.step(len(names) + 1, f"{cfg.name} (cached)")
+            out["configs"][cfg.name] = done
+            continue
+        results = _optimize_layers(weights, cfg, methods=methods, seed=seed, steps=steps,
+                                   activations=acts, cache=cache, progress=prog)
+        qmods = {n: QuantLinear.from_result(results[n], cfg, bias=biases[n], mode=mode, name=n)
+                 for n in names}
+        layers = []
+        for n in names:
+            q = qmods[n]
+            q.collect_stats = True
+            with torch.inference_mode():
+                yq = q(fp_in[n])
+            q.collect_stats = False
+            rec = {"name": n, "shape": list(weights[n].shape),
+                   "method": (methods or {}).get(cfg.name) or method_for(cfg),
+                   "rank": q.rank, "weight_error": weight_error(weights[n], results[n]),
+                   "act_error": q.stats.act_error, "branch_act_error": q.stats.branch_act_error,
+                   "local_sqnr_db": sqnr_db(fp_out[n], yq)}
+            rec.update(_gemm_bits(q.acc_bits_worst(), q.acc_bits_l1(), q.stats.acc_bits_observed))
+            rec.update(_cost_fields(n, weights[n].shape, cfg, q.rank, tokens))
+            layers.append(rec)
+        originals = swap_linears(model, lambda n, m: qmods[n])
+        try:
+            _, q_out, q_final = _run(model, evaluation, names, inputs=False)
+        finally:
+            restore_linears(model, originals)
+        for rec in layers:
+            rec["propagated_sqnr_db"] = sqnr_db(fp_out[rec["name"]], q_out[rec["name"]])
+        main_bits = sum(l["main_weight_bits"] for l in layers)
+        entry = {"config": cfg.name, "method": layers[0]["method"],
+                 "formats": _formats(cfg),
+                 "end_metrics": end_metrics(fp_final.numpy(), q_final.numpy()),
+                 "output_sqnr_db": sqnr_db(fp_final, q_final), "layers": layers}
+        entry.update(_summary(layers, main_bits))
+        entry = _clean(entry)
+        if cache is not None:
+            cache.save_json(cfg.name, "measured", entry)
+        out["configs"][cfg.name] = entry
+        prog.step(1, f"{cfg.name} measured")
+    return out
+
+
+def _formats(cfg: Config) -> dict:
+    g = lambda f: None if f is None else numfmt.get(f).name  # noqa: E731
+    return {"main_weight": g(cfg.main_weight), "main_act": g(cfg.main_act),
+            "branch_weight": g(cfg.branch_weight), "branch_act": g(cfg.branch_act)}
+
+
+def analyze_weights(weights: Mapping[str, np.ndarray], configs=DEFAULT_CONFIGS, *, main="mxint4",
+                    branch="mxint", seed: int = 0, steps: int | None = None,
+                    tokens: int = DEFAULT_TOKENS, methods: dict | None = None, cache_dir=None,
+                    cache_key: str = "", progress=None) -> dict:
+    """Weights-only analysis of every 2-D weight (out x in) in ``weights``.
+
+    Per layer: weight error, accumulator bounds (worst case, l1) and cost; no
+    activations, so no activation error, SQNR, observed widths or end metrics
+    (they are None). SVDQuant runs without smoothing.
+    """
+    mats = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()
+            if np.asarray(v).ndim == 2 and np.issubdtype(np.asarray(v).dtype, np.floating)}
+    if not mats:
+        raise ValueError("the weights hold no 2-D floating tensor (out x in) to analyze")
+    cfgs = parse_configs(configs, main=main, branch=branch)
+    prog = _Progress(progress)
+    cache = LayerCache(cache_dir, cache_key) if cache_dir is not None else None
+    out = {"layer_names": list(mats), "configs": {}}
+    for cfg in cfgs:
+        done = cache.load_json(cfg.name, "measured") if cache is not None else None
+        if done is not None:
+            prog.step(len(mats) + 1, f"{cfg.name} (cached)")
+            out["configs"][cfg.name] = done
+            continue
+        results = _optimize_layers(mats, cfg, methods=methods, seed=seed, steps=steps,
+                                   activations=None, cache=cache, progress=prog)
+        layers = []
+        for n, W in mats.items():
+            q = QuantLinear.from_result(results[n], cfg, name=n)
+            rec = {"name": n, "shape": list(W.shape),
+                   "method": (methods or {}).get(cfg.name) or method_for(cfg), "rank": q.rank,
+                   "weight_error": weight_error(W, results[n]), "act_error": None,
+                   "branch_act_error": None, "local_sqnr_db": None, "propagated_sqnr_db": None}
+            rec.update(_gemm_bits(q.acc_bits_worst(), q.acc_bits_l1(), {}))
+            rec.update(_cost_fields(n, W.shape, cfg, q.rank, tokens))
+            layers.append(rec)
+        entry = {"config": cfg.name, "method": layers[0]["method"], "formats": _formats(cfg),
+                 "end_metrics": {"mean_cosine": None, "min_cosine": None, "top1_agreement": None},
+                 "output_sqnr_db": None, "layers": layers}
+        entry.update(_summary(layers, sum(l["main_weight_bits"] for l in layers)))
+        entry = _clean(entry)
+        if cache is not None:
+            cache.save_json(cfg.name, "measured", entry)
+        out["configs"][cfg.name] = entry
+        prog.step(1, f"{cfg.name} measured")
+    return out
+
+
+def minilm_inputs(max_sentences: int | None = None, batch_size: int = 16) -> tuple[list, list]:
+    """Tokenized calibration and evaluation batches of the shipped sentences.
+
+    ``max_sentences`` keeps the first n of each split (even n for evaluation,
+    so paraphrase pairs stay whole).
+    """
+    from analysis import minilm
+
+    tok = minilm.tokenizer()
+
+    def batches(split, n):
+        s = minilm.sentences(split)
+        if n is not None:
+            s = s[:n]
+        return [minilm.tokenize(s[i:i + batch_size], tok=tok) for i in range(0, len(s), batch_size)]
+
+    n_eval = None if max_sentences is None else max(4, max_sentences - max_sentences % 2)
+    return batches("calibration", max_sentences), batches("evaluation", n_eval)
+
+
+def analyze_minilm(configs=DEFAULT_CONFIGS, *, path=None, max_sentences: int | None = None,
+                   **kwargs) -> dict:
+    """``analyze`` on the built-in all-MiniLM-L6-v2 with its shipped sentence splits."""
+    from analysis import minilm
+
+    model = minilm.MiniLM.from_pretrained(path)
+    cal, ev = minilm_inputs(max_sentences)
+    return analyze(model, configs, cal, ev, **kwargs)
+
+
+def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes of the arrays (sorted by name), hex."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(k.encode())
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+__all__ += ["effective_weight", "weight_error", "minilm_inputs", "fingerprint"]
