@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from numfmt.formats import BlockFormat, FloatFormat, IntFormat, get
 
-__all__ = ["worst_case_bits", "element_of"]
+__all__ = ["worst_case_bits", "element_of", "width_bits", "element_max_integer", "block_length",
+           "l1_bound_bits", "observed_bits", "accumulator_bits", "accumulator_table"]
 
 
 def element_of(fmt):
@@ -62,3 +65,130 @@ def worst_case_bits(a_format, b_format, k: int) -> int:
     (ma, qa), (mb, qb) = _range_and_quantum(ea), _range_and_quantum(eb)
     ratio = k * (ma / qa) * (mb / qb)
     return math.ceil(math.log2(ratio + 1.0)) + 1
+
+
+# ---------------------------------------------------------------------------
+# data-aware widths and per-layer tables
+# ---------------------------------------------------------------------------
+# Units: every width below counts the in-block integer sum in product-quantum
+# units (integer element values, see hwsim.gemm), sign included:
+#     bits(x) = ceil(log2(x + 1)) + 1  = bit_length(x) + 1   for a magnitude bound x.
+
+def width_bits(max_abs) -> int:
+    """Signed bits holding every integer of magnitude <= ``max_abs``: ceil(log2(max_abs+1)) + 1."""
+    if isinstance(max_abs, float):
+        if not math.isfinite(max_abs) or max_abs < 0:
+            raise ValueError(f"max_abs={max_abs!r} must be a finite magnitude >= 0")
+        return math.ceil(math.log2(max_abs + 1.0)) + 1 if max_abs < 2 ** 52 else (
+            int(max_abs).bit_length() + 1)
+    max_abs = int(max_abs)
+    if max_abs < 0:
+        raise ValueError(f"max_abs={max_abs} must be >= 0")
+    return max_abs.bit_length() + 1
+
+
+def element_max_integer(fmt) -> int:
+    """Largest |element| of a format in element-quantum units (integers: the code)."""
+    elem = element_of(fmt)
+    m, qt = _range_and_quantum(elem)
+    return int(round(m / qt))
+
+
+def block_length(a_format, b_format, k: int) -> int:
+    """In-block dot-product length L of hwsim.matmul for two formats (see hwsim.gemm)."""
+    from hwsim.gemm import sub_block_length
+    sizes = []
+    for f in (a_format, b_format):
+        f = get(f)
+        sizes.append(f.block_size if isinstance(f, BlockFormat) else None)
+    return sub_block_length(sizes[0], sizes[1], k)
+
+
+def l1_bound_bits(weights, act_format, *, per_channel: bool = False):
+    """A2Q's data-aware bound from the actual quantized weights.
+
+    For output channel n and block j of length L (hwsim.matmul's in-block length),
+    every activation x in ``act_format`` satisfies
+
+        |sum_k W[n,k] x[k]| <= ||W[n, block j]||_1 * max|x|      (integer units),
+
+    so ``bits = width_bits(max_j ||W[n, j]||_1 * max|x|)``. ``weights`` is a
+    QTensor (N x K along axis 1). Returns the largest width over channels, or an
+    int array of N widths with ``per_channel=True``.
+    """
+    from hwsim.gemm import operand_integers
+    W = operand_integers(weights, "weights")
+    N, K = weights.shape
+    L = block_length(act_format, weights.format, K)
+    xmax = element_max_integer(act_format)
+    nb = -(-K // L) if K else 0
+    w = np.abs(W.ints)
+    pad = nb * L - K
+    if pad:
+        w = np.pad(w, ((0, 0), (0, pad)))
+    l1 = w.reshape(N, nb, L).sum(axis=2).max(axis=1) if nb and N else np.zeros(N, np.int64)
+    widths = np.array([width_bits(int(v) * xmax) for v in l1], dtype=np.int64)
+    if per_channel:
+        return widths
+    return int(widths.max()) if widths.size else width_bits(0)
+
+
+def observed_bits(activations, weights, *, prefix: bool = False) -> int:
+    """Bits the in-block sums of ``activations @ weights.T`` actually needed (exact
+    accumulator): the width of the largest |block sum|, or of the largest |prefix| in
+    index order with ``prefix=True`` (what a saturating accumulator must hold)."""
+    from hwsim.gemm import matmul
+    return matmul(activations, weights, prefix_stats=prefix).acc_bits_needed
+
+
+def accumulator_bits(a_format, b_format, k: int, *, weights=None, activations=None,
+                     prefix: bool = False) -> dict:
+    """Accumulator widths (sign included) for an (M x K) @ (N x K)^T block GEMM.
+
+    Returns a dict with ``block_length`` L and
+    ``worst_case``  from the types alone over one block of L (A2Q / exact fixed point),
+    ``l1_bound``    A2Q's bound from the quantized ``weights`` (QTensor N x K), if given,
+    ``observed``    what ``activations`` (QTensor M x K) x ``weights`` needed, if both given.
+    """
+    L = block_length(a_format, b_format, k)
+    row = {"block_length": L, "worst_case": worst_case_bits(a_format, b_format, L)}
+    if weights is not None:
+        row["l1_bound"] = l1_bound_bits(weights, a_format)
+        if activations is not None:
+            row["observed"] = observed_bits(activations, weights, prefix=prefix)
+    elif activations is not None:
+        raise ValueError("activations need weights: give weights= too")
+    return row
+
+
+def accumulator_table(layers, act_format, *, weight_format=None, activations=None,
+                      prefix: bool = False) -> list[dict]:
+    """One row per layer: name, shape, formats, block length, worst-case, A2Q l1 and
+    observed accumulator bits.
+
+    ``layers``: mapping or list of ``(name, weights)`` where weights is a QTensor
+    (N x K along axis 1) or a float array (quantized here to ``weight_format``).
+    ``activations``: optional mapping name -> QTensor (M x K, along axis 1) in
+    ``act_format``; rows without one have ``observed = None``.
+    """
+    from numfmt import quantize
+    from numfmt.qtensor import QTensor
+    items = list(layers.items()) if isinstance(layers, dict) else list(layers)
+    acts = activations or {}
+    rows = []
+    for entry in items:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise TypeError(f"each layer must be a (name, weights) pair, got {entry!r}")
+        name, w = entry
+        if not isinstance(w, QTensor):
+            if weight_format is None:
+                raise ValueError(f"layer {name!r}: float weights need weight_format=")
+            w = quantize(np.asarray(w, dtype=np.float32), weight_format, axis=1)
+        N, K = w.shape
+        res = accumulator_bits(act_format, w.format, K, weights=w,
+                               activations=acts.get(name), prefix=prefix)
+        rows.append({"layer": name, "out_features": N, "in_features": K,
+                     "a_format": get(act_format).name, "b_format": w.format.name,
+                     "block_length": res["block_length"], "worst_case_bits": res["worst_case"],
+                     "l1_bound_bits": res["l1_bound"], "observed_bits": res.get("observed")})
+    return rows

@@ -1,0 +1,822 @@
+"""Bit-exact model of an integer-accumulate block-scaled GEMM (MX, SINT, narrow floats).
+
+``matmul(a, b)`` computes ``a @ b.T`` for a QTensor ``a`` (M x K) and a QTensor
+``b`` (N x K), both quantized along K (axis 1, the layout of a PyTorch Linear
+weight), the way a MAC array with an in-block integer accumulator and a
+floating-point inter-block accumulator computes it.
+
+The arithmetic (gemmlowp style)
+-------------------------------
+Element values. Every element format is an integer times a fixed power of two,
+its *element quantum* ``2^qa``::
+
+    MX integer (mxint<b>):   value(c) = c * 2^(2-b)           c = two's complement code
+    SINT integer (sint<b>):  value(c) = c                      (scale applied per block)
+    float element (E, M):    value(c) = I(c) * 2^(emin - M)    I(c) = value / min_subnormal,
+                                                               an exact integer
+                                                               (E2M1: |I| <= 12, E4M3: <= 229376)
+
+so ``a[m, k] = A[m, k] * 2^qa * sa[m, blk_a(k)]`` with an integer ``A``, and
+likewise for ``b``. ``sa`` is the block scale: ``2^(code - 127)`` for E8M0
+(code 255 is NaN), the fp16 value for SINT, 1 for an element format without
+scales.
+
+In-block integer sum. The sub-block length is ``L = min(block_a, block_b)``
+(one block size must be a multiple of the other, else ValueError; a format
+without scales spans all of K; if neither has scales, L = K). Sub-block ``j``
+covers ``k in [jL, min((j+1)L, K))``. The accumulator is an integer in units of
+the *product quantum* ``q = 2^(qa + qb)``, fed in index order from 0::
+
+    acc_0 = 0,   acc_{i+1} = ovf(acc_i + A[m, k_i] * B[n, k_i])
+    S[m, n, j] = acc_L                        (an integer, product quantum units)
+
+``ovf`` is the accumulator's overflow rule for ``Accumulator(bits=P, overflow=...)``:
+``"exact"`` the identity (no bound; with ``bits=P`` given, additions of a
+nonzero product whose exact result lies outside [-2^(P-1), 2^(P-1)-1] are
+counted, values stay exact),
+``"wrap"`` two's complement modulo 2^P, ``"saturate"`` clamp to
+[-2^(P-1), 2^(P-1)-1] at every addition.
+
+Block term. The block's value is the exact real ``S * sa * sb * 2^(qa+qb)``;
+it is rounded once to the inter-block format ``F = FloatAcc(mantissa_bits=m,
+rounding=r)``::
+
+    t[m, n, j] = round_F(S * sa[m, j] * sb[n, j] * 2^(qa+qb))
+
+Inter-block accumulation, in K order from +0.0, each addition rounding the
+exact sum once::
+
+    c_0 = +0.0,   c_{j+1} = round_F(c_j + t_j)
+
+``F`` has ``m`` fraction bits (m + 1 significant bits) and the exponent range
+of IEEE FP32 (emin = -126 with gradual underflow: quantum 2^(-126-m) below
+2^-126; emax = 127). Overflow gives +-Inf under ``"rne"`` and +-max_finite =
++-(2 - 2^-m) * 2^127 under ``"rtz"``. ``m = 23, "rne"`` is IEEE FP32 addition.
+An exact zero sum is +0.0 (IEEE: -0 only for -0 + -0).
+
+Promotion (DeepSeek-V3's fix). With ``promote_every = N`` (a multiple of L),
+after every ``N / L`` blocks the partial sum is added to a separate FP32
+register and restarted::
+
+    R <- round_fp32_rne(R + c),  c <- +0.0          (R starts at +0.0)
+
+and the output is ``R`` after a final promotion of any remainder; without
+promotion the output is ``c`` (representable in FP32 because m <= 23).
+
+Specials. A NaN E8M0 scale, or a NaN/Inf fp16 scale, makes the block term the
+IEEE product ``S * scale`` (NaN, or Inf for a nonzero S), so the output is
+NaN/Inf where the hardware's is. A NaN or Inf *element* (E4M3, E5M2 codes)
+makes its block term the IEEE float64 sum of that block's products (NaN or
++-Inf); in the integer accumulator (and its statistics) such an element is 0.
+
+Statistics (``GemmResult``). ``max_abs_acc`` is the largest magnitude of the
+*exact* in-block integer sum, in product-quantum units: over every block sum
+(the accumulator's value when the block ends) when the exact fast path runs,
+and over every prefix ``acc_i`` in index order when the sequential path runs
+(any ``bits`` given, wrap/saturate, or ``prefix_stats=True``).
+``acc_bits_needed = ceil(log2(max_abs_acc + 1)) + 1`` (sign included; the
+width that holds +-max_abs_acc). ``overflow_count`` is the number of additions
+that wrapped, saturated, or (``"exact"`` with ``bits``) would have overflowed.
+
+Paths (all give the same bits; the tests compare them with a Python-integer
+reference):
+
+* exact accumulator, no ``bits``: block sums through BLAS in float32 when the
+  worst case ``L * max|A| * max|B| <= 2^24`` (every partial sum of integers
+  below 2^24 is exact in float32 in any order), else float64 when <= 2^53,
+  then a Numba pass for the rounding; wider sums (E5M2 x E5M2: 70 bits) go
+  through Python integers (slow).
+* otherwise: a Numba loop in index order with int64 (in-block sums up to 62
+  bits; wider is a ValueError for wrap/saturate).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+import numfmt
+from numfmt.formats import BlockFormat, FloatFormat, IntFormat
+from numfmt.qtensor import QTensor
+
+__all__ = ["Accumulator", "FloatAcc", "GemmResult", "matmul", "OVERFLOWS", "ACC_ROUNDINGS",
+           "operand_integers", "sub_block_length", "round_to_float_acc"]
+
+OVERFLOWS = ("exact", "wrap", "saturate")
+ACC_ROUNDINGS = ("rne", "rtz")
+
+_EXACT, _WRAP, _SAT = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------
+# configuration objects
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Accumulator:
+    """The in-block integer accumulator: ``bits`` (sign included; None = unbounded) and
+    the ``overflow`` rule ("exact", "wrap": two's complement mod 2^bits, "saturate":
+    clamp to [-2^(bits-1), 2^(bits-1)-1] at every addition)."""
+
+    bits: int | None = None
+    overflow: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
+                raise TypeError(f"Accumulator bits must be an int or None, got {self.bits!r}")
+            if self.bits < 2:
+                raise ValueError(f"Accumulator bits={self.bits} is not allowed; it must be >= 2 "
+                                 f"(or None for an unbounded accumulator)")
+            object.__setattr__(self, "bits", int(self.bits))
+        if self.overflow not in OVERFLOWS:
+            raise ValueError(f"overflow={self.overflow!r} is not one of {OVERFLOWS}")
+        if self.overflow != "exact" and self.bits is None:
+            raise ValueError(f"overflow={self.overflow!r} needs a width: give bits=P")
+
+    @property
+    def lo(self) -> int | None:
+        return None if self.bits is None else -(1 << (self.bits - 1))
+
+    @property
+    def hi(self) -> int | None:
+        return None if self.bits is None else (1 << (self.bits - 1)) - 1
+
+
+@dataclass(frozen=True)
+class FloatAcc:
+    """The inter-block floating-point accumulator: ``mantissa_bits`` fraction bits (1..23)
+    with FP32's exponent range, ``rounding`` "rne" or "rtz" at every rounding, and
+    ``promote_every`` (elements of K, a multiple of the block length) after which the
+    partial sum is added into a separate FP32 register and restarted."""
+
+    mantissa_bits: int = 23
+    rounding: str = "rne"
+    promote_every: int | None = None
+
+    def __post_init__(self) -> None:
+        m = self.mantissa_bits
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
+            raise TypeError(f"FloatAcc mantissa_bits must be an int, got {m!r}")
+        if not 1 <= m <= 23:
+            raise ValueError(f"FloatAcc mantissa_bits={m} is not allowed; allowed 1..23 "
+                             f"(FP32 has 23)")
+        if self.rounding not in ACC_ROUNDINGS:
+            raise ValueError(f"FloatAcc rounding={self.rounding!r} is not one of {ACC_ROUNDINGS}")
+        p = self.promote_every
+        if p is not None:
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
+                raise TypeError(f"promote_every must be an int or None, got {p!r}")
+            if p < 1:
+                raise ValueError(f"promote_every={p} is not allowed; it must be >= 1 (or None)")
+
+    @property
+    def max_finite(self) -> float:
+        return math.ldexp(2.0 - 2.0 ** -self.mantissa_bits, 127)
+
+
+@dataclass(frozen=True, eq=False)
+class GemmResult:
+    """Result of ``matmul``.
+
+    ``out``              float32 M x N.
+    ``max_abs_acc``      largest |exact in-block integer sum| in product-quantum units
+                         (block sums on the fast path, every prefix on the sequential path).
+    ``overflow_count``   additions that wrapped / saturated / would have overflowed.
+    ``acc_bits_needed``  ceil(log2(max_abs_acc + 1)) + 1, sign included.
+    ``block_length``     the in-block dot-product length L.
+    ``product_quantum_exp``  qa + qb: one accumulator unit is 2^(qa+qb) times the scales.
+    ``path``             which implementation ran ("blas32", "blas64", "sequential", "python").
+    """
+
+    out: np.ndarray
+    max_abs_acc: int
+    overflow_count: int
+    acc_bits_needed: int
+    block_length: int = 0
+    product_quantum_exp: int = 0
+    path: str = ""
+    prefix_stats: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def bits_for(max_abs) -> int:
+    """Signed width that holds integers up to ``max_abs`` in magnitude: bitlen + 1."""
+    return int(max_abs).bit_length() + 1
+
+
+# ---------------------------------------------------------------------------
+# operands
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Operand:
+    ints: np.ndarray        # (rows, K) int64 element integers (0 at NaN/Inf codes)
+    special: np.ndarray     # (rows, K) bool: NaN / Inf element
+    values: np.ndarray      # (rows, K) float64 value in quantum units (NaN/Inf kept)
+    factors: np.ndarray     # (rows, nblocks) float64 block scale values (NaN allowed)
+    block: int | None       # block size along K (None: no scales / whole axis)
+    qexp: int               # element quantum exponent
+    max_int: int            # max |integer| over finite codes of the format
+    pow2: bool              # all factors are powers of two (or NaN)
+    elem: object
+
+
+def _element_quantum_exp(fmt) -> int:
+    elem = fmt.element if isinstance(fmt, BlockFormat) else fmt
+    if isinstance(elem, IntFormat):
+        if isinstance(fmt, BlockFormat):
+            return fmt.element_scale_exp
+        return 0
+    return int(round(math.log2(elem.min_subnormal)))
+
+
+_TABLE_CACHE: dict = {}
+
+
+def _int_table(elem, qexp_elem: int):
+    """(integer per code, special per code, value-in-quantum per code, max |integer|)."""
+    key = (elem, qexp_elem)
+    if key not in _TABLE_CACHE:
+        table = numfmt.decode_table(elem)  # float64 value of every code (no MX int scale)
+        special = ~np.isfinite(table)
+        vals = np.ldexp(table, -qexp_elem)
+        ints = np.where(special, 0.0, vals)
+        if not np.all(ints == np.round(ints)):
+            raise AssertionError(f"{elem.name}: element values are not integers of 2^{qexp_elem}")
+        ints = ints.astype(np.int64)
+        _TABLE_CACHE[key] = (ints, special, vals, int(np.abs(ints).max()))
+    return _TABLE_CACHE[key]
+
+
+def operand_integers(q: QTensor, name: str = "operand") -> _Operand:
+    """Split a 2-D QTensor quantized along axis 1 into integers, scale factors and quantum."""
+    if not isinstance(q, QTensor):
+        raise TypeError(f"{name} must be a numfmt QTensor, got {type(q).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"{name} must be 2-D (rows x K), got shape {q.shape}")
+    if q.axis != 1:
+        raise ValueError(f"{name} must be quantized along K (axis 1 / -1), got axis={q.axis}")
+    fmt = q.format
+    rows, K = q.shape
+    if isinstance(fmt, BlockFormat):
+        if fmt.scaling == "nvfp4":
+            raise ValueError(f"{name}: format {fmt.name!r} (two-level NVFP4 scaling) is not "
+                             f"supported by hwsim.matmul; allowed: MX (E8M0 scales), SINT "
+                             f"(absmax) and element formats")
+        elem = fmt.element
+        qexp = _element_quantum_exp(fmt)
+        elem_q = qexp - fmt.element_scale_exp  # decode_table has no MX int scale
+        block = fmt.block_size
+        if fmt.scaling == "mx":
+            sc = q.scales.astype(np.int64)
+            factors = np.ldexp(1.0, sc - 127)
+            factors[sc == 255] = np.nan
+            pow2 = True
+        else:
+            factors = np.asarray(q.scales, dtype=np.float64)
+            fin = factors[np.isfinite(factors) & (factors != 0)]
+            m, _ = np.frexp(fin)
+            pow2 = bool(np.all(np.abs(m) == 0.5))
+    else:
+        elem = fmt
+        qexp = _element_quantum_exp(fmt)
+        elem_q = qexp
+        block = None
+        factors = np.ones((rows, 1), dtype=np.float64)
+        pow2 = True
+    if elem.bits > 16:
+        raise ValueError(f"{name}: element format {elem.name!r} has {elem.bits} bits; "
+                         f"hwsim.matmul takes element formats of at most 16 bits")
+    ints_t, spec_t, vals_t, max_int = _int_table(elem, elem_q)
+    codes = q.codes.astype(np.int64)
+    return _Operand(ints_t[codes], spec_t[codes], vals_t[codes], factors, block, qexp,
+                    max_int, pow2, elem)
+
+
+def sub_block_length(block_a: int | None, block_b: int | None, k: int) -> int:
+    """The in-block dot length L: the smaller block size (one must divide the other);
+    a side without blocks spans K; K when neither has blocks."""
+    sizes = [s for s in (block_a, block_b) if s is not None]
+    if not sizes:
+        return max(k, 1)
+    if len(sizes) == 2:
+        lo, hi = min(sizes), max(sizes)
+        if hi % lo:
+            raise ValueError(f"the K blocks do not line up: block sizes {block_a} and {block_b}; "
+                             f"one must be a multiple of the other")
+    return max(1, min(min(sizes), k)) if k else min(sizes)
+
+
+def _block_factors(op: _Operand, nsub: int, L: int, K: int) -> np.ndarray:
+    """(rows, nsub) factor of each sub-block (a block spanning several sub-blocks repeats)."""
+    starts = np.arange(nsub, dtype=np.int64) * L
+    if op.block is None:
+        idx = np.zeros(nsub, dtype=np.int64)
+    else:
+        idx = starts // op.block
+    return np.ascontiguousarray(op.factors[:, idx])
+
+
+# ---------------------------------------------------------------------------
+# rounding kernels
+# ---------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _two_sum(a, b):
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, e
+
+
+@njit(cache=True, inline="always")
+def _split(a):
+    c = 134217729.0 * a  # 2^27 + 1
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+@njit(cache=True, inline="always")
+def _two_prod(a, b):
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return p, e
+
+
+@njit(cache=True)
+def _round_dd(hi, lo, m, rtz):
+    """Round the exact value hi + lo (|lo| <= ulp(hi)/2) to m fraction bits, FP32 range."""
+    if hi != hi or hi == np.inf or hi == -np.inf:
+        return hi
+    if hi == 0.0:
+        return hi
+    if hi < 0.0:
+        a = -hi
+        b = -lo
+        sgn = -1.0
+    else:
+        a = hi
+        b = lo
+        sgn = 1.0
+    fr, ex = math.frexp(a)
+    E = ex - 1
+    if fr == 0.5 and b < 0.0:
+        E -= 1
+    if E < -126:
+        E = -126
+    ulp = math.ldexp(1.0, E - m)
+    t = a / ulp
+    i = np.floor(t)
+    f = t - i
+    if f == 0.0 and b < 0.0:
+        i -= 1.0
+        up = True
+        tie = False
+    else:
+        up = f > 0.5 or (f == 0.5 and b > 0.0)
+        tie = f == 0.5 and b == 0.0
+    if not rtz:
+        if up or (tie and i - 2.0 * np.floor(0.5 * i) == 1.0):
+            i += 1.0
+    r = i * ulp
+    maxf = math.ldexp(2.0 - math.ldexp(1.0, -m), 127)
+    if r > maxf:
+        r = maxf if rtz else np.inf
+    return sgn * r
+
+
+@njit(cache=True, inline="always")
+def _term(s_hi, s_lo, c, pow2, m, rtz):
+    """round_F(S * c) for S = s_hi + s_lo exactly (s_lo = 0 unless pow2)."""
+    if pow2:
+        return _round_dd(s_hi * c, s_lo * c, m, rtz)
+    p, e = _two_prod(s_hi, c)
+    if p != p or p == np.inf or p == -np.inf:
+        return p
+    return _round_dd(p, e, m, rtz)
+
+
+@njit(cache=True, inline="always")
+def _add(acc, t, m, rtz):
+    s, e = _two_sum(acc, t)
+    if s != s or s == np.inf or s == -np.inf:
+        return s
+    return _round_dd(s, e, m, rtz)
+
+
+def round_to_float_acc(x, mantissa_bits: int = 23, rounding: str = "rne") -> float:
+    """Round a float64 to the inter-block format (m fraction bits, FP32 exponent range)."""
+    FloatAcc(mantissa_bits, rounding)
+    return float(_round_dd(float(x), 0.0, int(mantissa_bits), rounding == "rtz"))
+
+
+@njit(cache=True)
+def _special_sum(va, vb, k0, k1):
+    s = 0.0
+    for k in range(k0, k1):
+        s += va[k] * vb[k]
+    return s
+
+
+@njit(cache=True, inline="always")
+def _fold_one(S_hi, S_lo, c, pow2, sp, spv, m, rtz, promote_now, partial, reg):
+    """One block of one output: returns (partial, reg)."""
+    if sp:
+        t = spv * c
+    else:
+        t = _term(S_hi + 0.0, S_lo, c, pow2, m, rtz)
+    partial = _add(partial, t, m, rtz)
+    if promote_now:
+        reg = _add(reg, partial, 23, False)
+        partial = 0.0
+    return partial, reg
+
+
+# ---------------------------------------------------------------------------
+# exact fast path: fold BLAS block sums
+# ---------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _fold_block(T, row0, j, L, K, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m, rtz,
+                promote_now, partial, reg, stat_max):
+    """partial/reg[r, n] (rows row0..row0+mt) absorb block j's sums T[r, n]."""
+    mt, N = T.shape
+    k0 = j * L
+    k1 = min(K, k0 + L)
+    for r in prange(mt):
+        mrow = row0 + r
+        fa = FA[mrow, j] * q
+        sa = any_special and spa[mrow, j]
+        best = stat_max[mrow]
+        for n in range(N):
+            s = T[r, n]
+            c = fa * FB[n, j]
+            sp = False
+            spv = 0.0
+            if any_special and (sa or spb[n, j]):
+                sp = True
+                spv = _special_sum(VA[mrow], VB[n], k0, k1)
+            a = abs(np.float64(s))
+            if a > best:
+                best = a
+            p, g = _fold_one(np.float64(s), 0.0, c, pow2, sp, spv, m, rtz, promote_now,
+                             partial[r, n], reg[r, n])
+            partial[r, n] = p
+            reg[r, n] = g
+        stat_max[mrow] = best
+
+
+@njit(parallel=True, cache=True)
+def _fold_block_fp32(T, row0, j, FA, FB, q, acc32, stat_max):
+    """Special case m = 23, rne, power-of-two factors, no specials, terms exact in FP32:
+    acc32 += float32(S * c) is exactly round_fp32(acc + round_fp32(S * c))."""
+    mt, N = T.shape
+    for r in prange(mt):
+        mrow = row0 + r
+        fa = FA[mrow, j] * q
+        best = stat_max[mrow]
+        for n in range(N):
+            s = np.float64(T[r, n])
+            a = abs(s)
+            best = a if a > best else best
+            acc32[r, n] += np.float32(s * (fa * FB[n, j]))
+        stat_max[mrow] = best
+
+
+# ---------------------------------------------------------------------------
+# sequential path
+# ---------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _sequential(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m,
+                rtz, promote_blocks, out, stat_max, stat_cnt):
+    """Index-order integer accumulation with wrap/saturate/exact, then the float fold."""
+    M = A.shape[0]
+    N = Bt.shape[1]
+    nsub = (K + L - 1) // L
+    for mrow in prange(M):
+        acc = np.zeros(N, np.int64)
+        ex = np.zeros(N, np.int64)
+        pmax = np.zeros(N, np.int64)
+        cnt = np.zeros(N, np.int64)
+        partial = np.zeros(N, np.float64)
+        reg = np.zeros(N, np.float64)
+        for j in range(nsub):
+            k0 = j * L
+            k1 = min(K, k0 + L)
+            acc[:] = 0
+            ex[:] = 0
+            for k in range(k0, k1):
+                a = A[mrow, k]
+                if a == 0:
+                    continue
+                brow = Bt[k]
+                if mode == 2:
+                    for n in range(N):
+                        p = a * brow[n]
+                        e = ex[n] + p
+                        ex[n] = e
+                        ae = abs(e)
+                        pmax[n] = ae if ae > pmax[n] else pmax[n]
+                        v = acc[n] + p
+                        c = v
+                        if c > hi:
+                            c = hi
+                        if c < lo:
+                            c = lo
+                        cnt[n] += c != v
+                        acc[n] = c
+                elif mode == 1:
+                    span = hi - lo  # 2^P - 1
+                    for n in range(N):
+                        p = a * brow[n]
+                        e = ex[n] + p
+                        ex[n] = e
+                        ae = abs(e)
+                        pmax[n] = ae if ae > pmax[n] else pmax[n]
+                        v = acc[n] + p
+                        c = ((v - lo) & span) + lo
+                        cnt[n] += c != v
+                        acc[n] = c
+                else:
+                    for n in range(N):
+                        p = a * brow[n]
+                        e = ex[n] + p
+                        ex[n] = e
+                        ae = abs(e)
+                        pmax[n] = ae if ae > pmax[n] else pmax[n]
+                        cnt[n] += (p != 0) and ((e > hi) or (e < lo))
+                        acc[n] = e
+            fa = FA[mrow, j] * q
+            sa = any_special and spa[mrow, j]
+            promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
+            for n in range(N):
+                s = acc[n]
+                s_hi = np.float64(s)
+                s_lo = np.float64(s - np.int64(s_hi))
+                c = fa * FB[n, j]
+                sp = False
+                spv = 0.0
+                if any_special and (sa or spb[n, j]):
+                    sp = True
+                    spv = _special_sum(VA[mrow], VB[n], k0, k1)
+                p, g = _fold_one(s_hi, s_lo, c, pow2, sp, spv, m, rtz, promote_now,
+                                 partial[n], reg[n])
+                partial[n] = p
+                reg[n] = g
+        best = 0
+        total = 0
+        for n in range(N):
+            if pmax[n] > best:
+                best = pmax[n]
+            total += cnt[n]
+        stat_max[mrow] = best
+        stat_cnt[mrow] = total
+        for n in range(N):
+            if promote_blocks > 0:
+                if nsub % promote_blocks != 0:
+                    reg[n] = _add(reg[n], partial[n], 23, False)
+                out[mrow, n] = np.float32(reg[n])
+            else:
+                out[mrow, n] = np.float32(partial[n])
+
+
+@njit(parallel=True, cache=True)
+def _finish(partial, reg, promote_blocks, nsub, out, row0):
+    mt, N = partial.shape
+    for r in prange(mt):
+        for n in range(N):
+            if promote_blocks > 0:
+                g = reg[r, n]
+                if nsub % promote_blocks != 0:
+                    g = _add(g, partial[r, n], 23, False)
+                out[row0 + r, n] = np.float32(g)
+            else:
+                out[row0 + r, n] = np.float32(partial[r, n])
+
+
+# ---------------------------------------------------------------------------
+# the public function
+# ---------------------------------------------------------------------------
+_DEFAULT_ACC = Accumulator()
+_DEFAULT_FLOAT = FloatAcc()
+ROW_TILE = 256
+
+
+def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DEFAULT_FLOAT,
+           out: str = "fp32", prefix_stats: bool = False) -> GemmResult:
+    """``a @ b.T`` as an integer-accumulate MAC array computes it (module docstring).
+
+    ``a``: QTensor M x K quantized along axis 1; ``b``: QTensor N x K along axis 1
+    (a Linear weight). ``acc``: the in-block integer accumulator; ``inter_block``:
+    the floating-point accumulator across blocks; ``out``: "fp32" (the only
+    output format). ``prefix_stats=True`` makes the exact accumulator run in index
+    order so that ``max_abs_acc`` covers every prefix (what a saturating
+    accumulator must hold), not only block sums.
+
+    An element format without scales has scale 1 and adopts the other operand's
+    block size; if neither has scales, the whole of K is one block.
+    """
+    if not isinstance(acc, Accumulator):
+        raise TypeError(f"acc must be a hwsim.Accumulator, got {type(acc).__name__}")
+    if not isinstance(inter_block, FloatAcc):
+        raise TypeError(f"inter_block must be a hwsim.FloatAcc, got {type(inter_block).__name__}")
+    if out != "fp32":
+        raise ValueError(f"out={out!r} is not allowed; allowed: 'fp32'")
+    A = operand_integers(a, "a")
+    B = operand_integers(b, "b")
+    M, K = a.shape
+    N, Kb = b.shape
+    if K != Kb:
+        raise ValueError(f"a is {a.shape} and b is {b.shape}: their K (axis 1) must agree "
+                         f"(b is N x K, a Linear weight)")
+    L = sub_block_length(A.block, B.block, K)
+    nsub = -(-K // L) if K else 0
+    ib = inter_block
+    promote_blocks = 0
+    if ib.promote_every is not None:
+        if ib.promote_every % L:
+            raise ValueError(f"promote_every={ib.promote_every} is not a multiple of the block "
+                             f"length {L}")
+        promote_blocks = ib.promote_every // L
+    m_bits, rtz = int(ib.mantissa_bits), ib.rounding == "rtz"
+    qexp = A.qexp + B.qexp
+    q = math.ldexp(1.0, qexp)
+    FA = _block_factors(A, nsub, L, K)
+    FB = _block_factors(B, nsub, L, K)
+    pow2 = A.pow2 and B.pow2
+    spa_el, spb_el = A.special, B.special
+    any_special = bool(spa_el.any() or spb_el.any())
+    if any_special:
+        spa = _special_blocks(spa_el, nsub, L)
+        spb = _special_blocks(spb_el, nsub, L)
+        VA, VB = A.values, B.values
+    else:
+        spa = np.zeros((1, 1), dtype=np.bool_)
+        spb = spa
+        VA = VB = np.zeros((1, 1), dtype=np.float64)
+    worst = L * A.max_int * B.max_int  # largest |partial sum| any data can give
+    result = np.zeros((M, N), dtype=np.float32)
+    common = dict(block_length=L, product_quantum_exp=qexp)
+    if M == 0 or N == 0 or K == 0:
+        return GemmResult(result, 0, 0, bits_for(0), path="empty", **common)
+
+    sequential = acc.bits is not None or acc.overflow != "exact" or prefix_stats
+    if sequential:
+        if worst >= 1 << 62:
+            raise ValueError(f"in-block sums of {a.format.name} x {b.format.name} over {L} "
+                             f"products need {bits_for(worst)} bits; the index-order path "
+                             f"handles at most 63 (use the exact accumulator without bits)")
+        lo = acc.lo if acc.bits is not None and acc.bits < 63 else -(1 << 62)
+        hi = acc.hi if acc.bits is not None and acc.bits < 63 else (1 << 62) - 1
+        mode = {"exact": _EXACT, "wrap": _WRAP, "saturate": _SAT}[acc.overflow]
+        if acc.bits is not None and acc.bits >= 63:
+            mode = _EXACT  # nothing below 2^62 can overflow
+        stat_max = np.zeros(M, dtype=np.int64)
+        stat_cnt = np.zeros(M, dtype=np.int64)
+        Bt = np.ascontiguousarray(B.ints.T)
+        _sequential(np.ascontiguousarray(A.ints), Bt, L, K, mode, lo, hi, FA, FB, q, pow2,
+                    spa, spb, VA, VB, any_special, m_bits, rtz, promote_blocks, result,
+                    stat_max, stat_cnt)
+        mx = int(stat_max.max())
+        return GemmResult(result, mx, int(stat_cnt.sum()), bits_for(mx), path="sequential",
+                          prefix_stats=True, **common)
+
+    if worst < 1 << 53:
+        dt = np.float32 if worst <= 1 << 24 else np.float64
+        return _exact_blas(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB,
+                           any_special, m_bits, rtz, promote_blocks, dt, result, common)
+    return _exact_python(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB,
+                         any_special, m_bits, rtz, promote_blocks, result, common)
+
+
+def _special_blocks(spec: np.ndarray, nsub: int, L: int) -> np.ndarray:
+    rows, K = spec.shape
+    pad = nsub * L - K
+    s = np.pad(spec, ((0, 0), (0, pad))) if pad else spec
+    return np.ascontiguousarray(s.reshape(rows, nsub, L).any(axis=2))
+
+
+def _padded_blocks(ints: np.ndarray, nsub: int, L: int, dt) -> np.ndarray:
+    rows, K = ints.shape
+    pad = nsub * L - K
+    x = ints.astype(dt)
+    if pad:
+        x = np.pad(x, ((0, 0), (0, pad)))
+    return x
+
+
+def _fp32_fold_ok(FA, FB, qexp_f: float, pow2, any_special, m_bits, rtz, promote_blocks,
+                  worst) -> bool:
+    """True when every term S * c is exactly an FP32 number (or 0) and the m=23 rne fold is
+    plain float32 addition: integer |S| <= 2^24 and 2^-149 <= c, c * 2^24 < 2^128."""
+    if m_bits != 23 or rtz or not pow2 or any_special or promote_blocks or worst > 1 << 24:
+        return False
+    if not (np.isfinite(FA).all() and np.isfinite(FB).all()):
+        return False
+    ea = np.frexp(FA)[1] - 1
+    eb = np.frexp(FB)[1] - 1
+    lo = int(ea.min()) + int(eb.min()) + qexp_f
+    hi = int(ea.max()) + int(eb.max()) + qexp_f
+    # S * c is a multiple of 2^(exp c) with at most 25 bits: exact in FP32 when its quantum
+    # is at least FP32's 2^-149 and |S*c| <= 2^24 * c stays below the overflow threshold.
+    return lo >= -149 and hi + 24 <= 127
+
+
+def _exact_blas(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m_bits,
+                rtz, promote_blocks, dt, result, common) -> GemmResult:
+    Ai = _padded_blocks(A.ints, nsub, L, dt)
+    Bi = _padded_blocks(B.ints, nsub, L, dt)
+    # B as nsub blocks of L x N (contiguous) so each block GEMM is A_j (mt x L) @ B_j^T
+    Bt3 = np.ascontiguousarray(Bi.reshape(N, nsub, L).transpose(1, 2, 0))
+    worst = L * A.max_int * B.max_int
+    fast32 = _fp32_fold_ok(FA, FB, A.qexp + B.qexp, pow2, any_special, m_bits, rtz,
+                           promote_blocks, worst)
+    stat_max = np.zeros(M, dtype=np.float64)
+    mt_max = min(M, ROW_TILE)
+    T = np.empty((mt_max, N), dtype=dt)
+    if fast32:
+        acc32 = np.empty((mt_max, N), dtype=np.float32)
+    else:
+        partial = np.empty((mt_max, N), dtype=np.float64)
+        reg = np.empty((mt_max, N), dtype=np.float64)
+    for row0 in range(0, M, ROW_TILE):
+        mt = min(ROW_TILE, M - row0)
+        Tt = T[:mt]
+        if fast32:
+            at = acc32[:mt]
+            at[:] = 0.0
+        else:
+            pt, rt = partial[:mt], reg[:mt]
+            pt[:] = 0.0
+            rt[:] = 0.0
+        for j in range(nsub):
+            np.matmul(Ai[row0:row0 + mt, j * L:(j + 1) * L], Bt3[j], out=Tt)
+            if fast32:
+                _fold_block_fp32(Tt, row0, j, FA, FB, q, at, stat_max)
+            else:
+                promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
+                _fold_block(Tt, row0, j, L, K, FA, FB, q, pow2, spa, spb, VA, VB, any_special,
+                            m_bits, rtz, promote_now, pt, rt, stat_max)
+        if fast32:
+            result[row0:row0 + mt] = at
+        else:
+            _finish(pt, rt, promote_blocks, nsub, result, row0)
+    mx = int(stat_max.max())
+    return GemmResult(result, mx, 0, bits_for(mx), path="blas32" if dt == np.float32 else
+                      "blas64", **common)
+
+
+def _exact_python(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any_special,
+                  m_bits, rtz, promote_blocks, result, common) -> GemmResult:
+    """Block sums wider than 2^53: Python integers (object arrays), then the same fold."""
+    if not pow2:
+        raise ValueError("in-block sums wider than 53 bits with non-power-of-two (SINT) scales "
+                         "are not supported")
+    Ai = _padded_blocks(A.ints, nsub, L, np.int64).astype(object)
+    Bi = _padded_blocks(B.ints, nsub, L, np.int64).astype(object)
+    partial = np.zeros((M, N), dtype=np.float64)
+    reg = np.zeros((M, N), dtype=np.float64)
+    best = 0
+    for j in range(nsub):
+        S = Ai[:, j * L:(j + 1) * L].dot(Bi[:, j * L:(j + 1) * L].T)  # exact Python ints
+        s_hi = np.array([[float(v) for v in row] for row in S], dtype=np.float64)
+        s_lo = np.array([[float(v - int(h)) for v, h in zip(row, hrow)]
+                         for row, hrow in zip(S, s_hi)], dtype=np.float64)
+        absS = np.abs(S)
+        best = max(best, int(absS.max()))
+        promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
+        _fold_dd_block(s_hi, s_lo, j, L, K, FA, FB, q, spa, spb, VA, VB, any_special, m_bits,
+                       rtz, promote_now, partial, reg)
+    _finish(partial, reg, promote_blocks, nsub, result, 0)
+    return GemmResult(result, best, 0, bits_for(best), path="python", **common)
+
+
+@njit(cache=True)
+def _fold_dd_block(s_hi, s_lo, j, L, K, FA, FB, q, spa, spb, VA, VB, any_special, m, rtz,
+                   promote_now, partial, reg):
+    M, N = s_hi.shape
+    k0 = j * L
+    k1 = min(K, k0 + L)
+    for r in range(M):
+        for n in range(N):
+            c = FA[r, j] * q * FB[n, j]
+            sp = False
+            spv = 0.0
+            if any_special and (spa[r, j] or spb[n, j]):
+                sp = True
+                spv = _special_sum(VA[r], VB[n], k0, k1)
+            p, g = _fold_one(s_hi[r, n], s_lo[r, n], c, True, sp, spv, m, rtz, promote_now,
+                             partial[r, n], reg[r, n])
+            partial[r, n] = p
+            reg[r, n] = g
+
+
+def set_threads(n: int) -> None:
+    """Numba worker threads used by the kernels (the benchmark uses 2)."""
+    numba.set_num_threads(int(n))
+
+
+del os
