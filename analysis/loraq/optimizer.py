@@ -1,0 +1,300 @@
+"""LoRaQ: data-free optimization of a fully quantized low-rank branch.
+
+The decomposition (Bouquet et al., arXiv 2604.18117), for a weight W (out x in)::
+
+    W ~ W_hat = Q1(P) + Q2(L Omega) Q2(Omega^T R),     P = W - Q2(L Omega) Q2(Omega^T R)
+
+L is out x r, R is r x in, Omega an r x r rotation (Omega Omega^T = I, so before
+quantization L Omega Omega^T R = L R), Q1 the main format quantizer along ``in``
+and Q2 the branch format quantizer (L Omega along r, Omega^T R along in). The
+objective is the reconstruction error of the weight::
+
+    f(L, R, Omega) = || W - Q1(P) - A B ||_F^2,   A = Q2(L Omega),  B = Q2(Omega^T R)
+
+How the gradient passes. Quantizers are piecewise constant, so gradients use the
+straight-through estimator (dQ/dx = 1). Through Q2 that is what we do. Through
+Q1 it would be useless: with dQ1(P)/dP = 1 the objective reads, to the
+estimator, W - (W - AB) - AB = 0, so every gradient with respect to the branch
+vanishes identically. Instead the residual's quantized value is held fixed
+within a step: at step t we compute A_t, B_t, P_t = W - A_t B_t and
+M_t = Q1(P_t) (no gradient), and take an Adam step on
+
+    g_t(L, R, Omega) = || (W - M_t) - A B ||_F^2        (STE through Q2 only),
+
+whose value at the current point equals f exactly (E_t = W - M_t - A_t B_t =
+P_t - Q1(P_t), the main format's rounding error of the residual). The gradient
+moves the branch towards the part of W the main format currently gets wrong;
+M is recomputed from the new branch at the next step, so f is evaluated exactly
+at every iterate and the best iterate is returned. In formulas (E = W - M - A B,
+Lo = L Omega, Ro = Omega^T R)::
+
+    dg/dA = -2 E B^T,  dg/dB = -2 A^T E           (out x r, r x in)
+    dg/dL = (dg/dA) Omega^T,  dg/dR = Omega (dg/dB),  dg/dOmega = L^T dg/dA + R (dg/dB)^T
+
+computed by hand (three GEMMs of out x in x r per step: A B, E B^T, A^T E);
+torch autograd only differentiates the r x r map Omega = cayley(K - K^T),
+cayley(A) = (I - A)^(-1) (I + A), K a free r x r parameter (the Cayley
+transform of a skew-symmetric matrix is orthogonal, and I - A is always
+invertible; K = 0 gives Omega = I). The Cayley map was chosen over
+matrix_exp because its backward pass is an r x r solve: matrix_exp's backward
+cost 7 ms of a 10 ms step on a 384 x 384 layer. ``rotation="identity"`` fixes Omega = I,
+``rotation="hadamard"`` fixes Omega to a normalized Hadamard matrix (see
+``hadamard``).
+
+Data-aware variant (``activations`` X, n x in): the error is weighted by the
+inputs' second moments H = X^T X / n, f_X = tr(E H E^T) = ||X E^T||_F^2 / n, so
+dg/dA = -2 (E H) B^T, dg/dB = -2 A^T (E H); ``weighting="diag"`` keeps only
+diag(H) (cheap: no in x in product). The default stays data-free.
+
+Scaling: W is divided by c = 2^round(log2(rms(W))) so the step size ``lr`` is in
+units of a unit-RMS weight; multiplying by a power of two commutes exactly with
+MX and SINT quantization (barring overflow / underflow of the scale range), so
+the final QTensors are computed from the unscaled factors (L c, R) and W.
+
+Initialization: L = U_r S_r^(1/2), R = S_r^(1/2) V_r^T from the top-r SVD of W
+(``init="svd"``) or of the main format's error W - Q1(W) (``init="lqer"``); the
+SVD of W was better on every MiniLM layer tried (docs/loraq.md), so it is the
+default. Stopping: after ``steps`` steps, or earlier when the best objective has
+not improved by a relative ``tol`` for ``patience`` steps. Adam with lr decayed
+by ``lr_decay`` whenever half the patience passes without a new best.
+
+Determinism: no random numbers are drawn (SVD init, zero K), and the results
+are bit-identical for a given input on 1 or 2 threads only if torch's float32
+GEMMs are; ``threads`` (default 1) pins the thread count inside the call.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+import numfmt
+from analysis.loraq.checks import (ROTATIONS, as_activations, as_weight, check_float,
+                                   check_format, check_int)
+from analysis.loraq.common import (build_result, quantize_main, resolve_rank, split_factors,
+                                   top_svd, with_threads)
+from analysis.loraq.result import LoRaQResult
+
+__all__ = ["optimize", "hadamard", "cayley", "step_gradients", "default_lr", "SCHEDULES", "INITS", "WEIGHTINGS"]
+
+INITS = ("svd", "lqer")
+WEIGHTINGS = ("full", "diag")
+SCHEDULES = ("cosine", "plateau", "constant")
+DEFAULT_STEPS = 150
+
+
+def hadamard(r: int) -> np.ndarray:
+    """An r x r orthogonal Hadamard-type matrix (float64).
+
+    r a power of two: the Sylvester Hadamard matrix H_r (H_1 = [1],
+    H_2k = [[H_k, H_k], [H_k, -H_k]]) divided by sqrt(r). Other r: block
+    diagonal of normalized Sylvester blocks, one per set bit of r, largest
+    first (62 = 32 + 16 + 8 + 4 + 2), which is orthogonal and mixes the first
+    32 columns exactly like H_32. No randomness.
+    """
+    r = check_int(r, "r", 1)
+    out = np.zeros((r, r))
+    start = 0
+    for bit in reversed(range(r.bit_length())):
+        n = 1 << bit
+        if not r & n:
+            continue
+        h = np.ones((1, 1))
+        while h.shape[0] < n:
+            h = np.block([[h, h], [h, -h]])
+        out[start:start + n, start:start + n] = h / math.sqrt(n)
+        start += n
+    return out
+
+
+def default_lr(branch: str) -> float:
+    """Adam step in units of a unit-RMS weight, by the branch's element width.
+
+    Tuned on MiniLM layers (150-step cosine schedule): 1e-2 for 8-bit and wider
+    branches (fp16 included), 5e-3 for 6- and 7-bit, 2e-3 for narrower ones; a
+    coarse branch quantizer turns large steps of L, R into large jumps of A, B.
+    The paper's 1e-3 / 1e-4 are for unnormalized weights.
+    """
+    fmt = numfmt.get(branch)
+    bits = fmt.element.bits if hasattr(fmt, "element") else fmt.bits
+    return 1e-2 if bits >= 8 else (5e-3 if bits >= 6 else 2e-3)
+
+
+def _fq(x: torch.Tensor, fmt) -> torch.Tensor:
+    """numfmt.fake_quantize along axis 1 (the fused Numba kernel), no gradient."""
+    return torch.from_numpy(numfmt.fake_quantize(x.detach().numpy(), fmt, axis=1))
+
+
+def cayley(K: torch.Tensor) -> torch.Tensor:
+    """Omega = (I - A)^(-1) (I + A), A = K - K^T: orthogonal for every square K; K = 0 -> I."""
+    eye = torch.eye(K.shape[0], dtype=K.dtype)
+    A = K - K.T
+    return torch.linalg.solve(eye - A, eye + A)
+
+
+def step_gradients(Wn, L, R, Om, main, branch, H=None):
+    """One evaluation of the LoRaQ objective and its gradient (module docstring).
+
+    Wn (out x in), L (out x r), R (r x in), Om (r x r) float32 tensors; Om may
+    carry an autograd graph (then ``Lo`` / ``Ro`` below carry it too). H: None,
+    an (in,) diagonal or an (in x in) second-moment matrix. Returns
+    ``(loss, Lo, Ro, gA, gB)``: loss = ||E||_F^2 (or tr(E H E^T)) with
+    E = Wn - Q1(Wn - A B) - A B, A = Q2(Lo), B = Q2(Ro), Lo = L Om, Ro = Om^T R,
+    and gA = dg/dLo = -2 (E H) B^T, gB = dg/dRo = -2 A^T (E H) with Q1(P) held
+    fixed and the straight-through estimator through Q2. Then
+    dg/dL = gA Om^T, dg/dR = Om gB, and dg/dOm is the gradient of
+    <gA, L Om> + <gB, Om^T R> (what ``optimize`` backpropagates).
+    """
+    Lo, Ro = L.detach() @ Om, Om.T @ R.detach()
+    with torch.no_grad():
+        A, B = _fq(Lo, branch), _fq(Ro, branch)
+        AB = A @ B
+        E = Wn - _fq(Wn - AB, main) - AB     # = P - Q1(P), Q1(P) fixed for this step
+        if H is None:
+            G = E
+        else:
+            G = E @ H if H.ndim == 2 else E * H
+        loss = float(torch.sum(E * G))
+        gA = -2.0 * (G @ B.T)
+        gB = -2.0 * (A.T @ G)
+    return loss, Lo, Ro, gA, gB
+
+
+@with_threads
+def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_rank: int = 32,
+             ref_bits: int = 16, rotation: str = "learned", steps=None, lr=None, seed: int = 0,
+             activations=None, tol: float = 1e-4, patience: int = 30, init: str = "svd",
+             weighting: str = "full", lr_decay: float = 0.5,
+             schedule: str = "cosine", omega_lr: float = 0.02) -> LoRaQResult:
+    """Optimize a LoRaQ decomposition of W (see the module docstring).
+
+    W           out x in weight (numpy array or torch tensor; float64 internally
+                for metrics, float32 in the loop).
+    main        Q1, the residual's format (numfmt name), quantized along in.
+    branch      Q2, the branch format; "fp16" keeps it unquantized (stored as fp16).
+    rank        r; None: ``hwsim.cost.equal_memory_rank(W.shape, ref_rank,
+                ref_bits, branch)`` (capped at min(out, in) - 1).
+    rotation    "learned" (Omega = matrix_exp(K - K^T), K trained), "identity",
+                "hadamard" (fixed).
+    steps       maximum Adam steps (default 400); ``patience`` / ``tol`` stop earlier.
+    lr          Adam step, units of a unit-RMS weight (default ``default_lr``).
+    seed        seeds torch (nothing random is drawn now; kept for variants).
+    activations n x in sample of the layer's inputs for the data-aware loss.
+    Returns a LoRaQResult whose ``history`` is the relative error
+    ||W - W_hat_t||_F / ||W||_F of each iterate (float32 arithmetic) and whose
+    ``rel_error`` is that of the best iterate, recomputed in float64.
+    """
+    t0 = time.perf_counter()
+    W64 = as_weight(W)
+    main = check_format(main, "main")
+    branch = check_format(branch, "branch")
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation={rotation!r} is not one of {ROTATIONS}")
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not one of {INITS}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} is not one of {WEIGHTINGS}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    ref_rank, ref_bits = check_int(ref_rank, "ref_rank", 1), check_int(ref_bits, "ref_bits", 1)
+    r = resolve_rank(rank, W64.shape, branch, ref_rank, ref_bits)
+    steps = DEFAULT_STEPS if steps is None else check_int(steps, "steps", 0)
+    lr = default_lr(branch) if lr is None else check_float(lr, "lr")
+    seed = check_int(seed, "seed")
+    tol = check_float(tol, "tol", positive=False)
+    patience = check_int(patience, "patience", 1)
+    lr_decay = check_float(lr_decay, "lr_decay")
+    omega_lr = check_float(omega_lr, "omega_lr")
+    if lr_decay > 1:
+        raise ValueError(f"lr_decay={lr_decay} must be in (0, 1]")
+    X = as_activations(activations, W64.shape[1])
+    config = {"method": "loraq", "main": main, "branch": branch, "rank": r,
+              "rotation": rotation, "steps": steps, "lr": lr, "seed": seed, "tol": tol,
+              "patience": patience, "init": init, "lr_decay": lr_decay, "schedule": schedule, "omega_lr": omega_lr,
+              "weighting": None if X is None else weighting,
+              "activations": None if X is None else list(X.shape)}
+    torch.manual_seed(seed)
+
+    rms = math.sqrt(float(np.mean(np.square(W64))))
+    c = 2.0 ** round(math.log2(rms)) if rms > 0 else 1.0
+    Wn = torch.from_numpy((W64 / c).astype(np.float32))
+    if init == "svd":
+        U, S, Vt = top_svd(W64 / c, r)
+    else:
+        E0 = W64 / c - numfmt.fake_quantize(W64 / c, main, axis=1).astype(np.float64)
+        U, S, Vt = top_svd(E0, r)
+    L0, R0 = split_factors(U, S, Vt)
+    L = torch.from_numpy(L0.astype(np.float32)).requires_grad_(True)
+    R = torch.from_numpy(R0.astype(np.float32)).requires_grad_(True)
+    params = [L, R]
+    K = None
+    fixed = (torch.eye(r) if rotation == "identity"
+             else torch.from_numpy(hadamard(r).astype(np.float32)))
+    groups = [{"params": params}]
+    if rotation == "learned":
+        K = torch.zeros((r, r), dtype=torch.float32, requires_grad=True)
+        groups.append({"params": [K], "lr": lr * omega_lr})
+    H = None
+    if X is not None:
+        Xs = torch.from_numpy(X / math.sqrt(X.shape[0]))
+        H = ((Xs.T @ Xs).to(torch.float32) if weighting == "full"
+             else (Xs * Xs).sum(0).to(torch.float32))
+        H = H / (H.diagonal().mean() if weighting == "full" else H.mean()).clamp_min(1e-30)
+    opt = torch.optim.Adam(groups, lr=lr)
+    base_lr = [g["lr"] for g in opt.param_groups]
+
+    def rotation_matrix():
+        return fixed @ cayley(K) if K is not None else fixed
+
+    if H is None:
+        norm2 = float(torch.sum(Wn * Wn))
+    else:
+        norm2 = float(torch.sum(Wn * (Wn @ H if H.ndim == 2 else Wn * H)))
+    history: list[float] = []
+    best = (math.inf, None)
+    since_best, run = 0, 0
+    converged = steps == 0
+    for step in range(steps + 1):
+        Om = rotation_matrix()
+        loss, Lo, Ro, gA, gB = step_gradients(Wn, L, R, Om, main, branch, H)
+        history.append(math.sqrt(max(loss, 0.0) / max(norm2, 1e-300)))
+        if loss < best[0] * (1 - tol):
+            since_best = 0
+        else:
+            since_best += 1
+        if loss < best[0]:
+            best = (loss, (Lo.detach().clone(), Ro.detach().clone(), Om.detach().clone()))
+        if since_best >= patience:
+            converged = True
+            break
+        if step == steps:
+            # converged: the last ``patience`` steps improved the best by less than tol.
+            converged = since_best > 0 and (len(history) <= patience or min(
+                history[-patience:]) ** 2 >= min(history[:-patience]) ** 2 * (1 - tol))
+            break
+        if schedule == "plateau":
+            if since_best and since_best % max(patience // 2, 1) == 0:
+                for g in opt.param_groups:
+                    g["lr"] *= lr_decay
+        elif schedule == "cosine":
+            for g, b in zip(opt.param_groups, base_lr):
+                g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / steps))
+        run += 1
+        opt.zero_grad(set_to_none=True)
+        Omd = Om.detach()
+        L.grad = gA @ Omd.T
+        R.grad = Omd @ gB
+        if K is not None:
+            # d/dOmega of <gA, L Omega> + <gB, Omega^T R> at fixed gA, gB, through Cayley to K.
+            (torch.sum(gA * Lo) + torch.sum(gB * Ro)).backward()
+        opt.step()
+
+    Lo, Ro, Om = best[1]
+    left = numfmt.quantize(np.ascontiguousarray(Lo.numpy() * np.float32(c)), branch, axis=1)
+    right = numfmt.quantize(np.ascontiguousarray(Ro.numpy()), branch, axis=1)
+    q = quantize_main(W64, left, right, main)
+    return build_result(W64, q, left, right, method="loraq", main_format=main,
+                        branch_format=branch, omega=Om.numpy(), history=history, steps=run,
+                        converged=converged, X=X, t0=t0, config=config)
