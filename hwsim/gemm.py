@@ -97,14 +97,16 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 import numfmt
 from numfmt.formats import BlockFormat, FloatFormat, IntFormat
 from numfmt.qtensor import QTensor
 
 __all__ = ["Accumulator", "FloatAcc", "GemmResult", "matmul", "OVERFLOWS", "ACC_ROUNDINGS",
-           "operand_integers", "sub_block_length", "round_to_float_acc"]
+           "operand_integers", "sub_block_length", "round_to_float_acc", "accumulator_trace",
+           "bits_for"]
 
 OVERFLOWS = ("exact", "wrap", "saturate")
 ACC_ROUNDINGS = ("rne", "rtz")
@@ -347,8 +349,59 @@ def _two_prod(a, b):
     return p, e
 
 
+@intrinsic
+def _f64_bits(typingctx, x):
+    """The IEEE bit pattern of a float64 as int64 (a bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int64))
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_f64(typingctx, x):
+    """The float64 with a given int64 bit pattern (a bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+    return types.float64(types.int64), codegen
+
+
+_FP32_MIN_NORMAL = 2.0 ** -126
+
+
 @njit(cache=True)
 def _round_dd(hi, lo, m, rtz):
+    """Round the exact value hi + lo (|lo| <= ulp(hi)/2) to m fraction bits, FP32 range.
+
+    Fast case (2^-126 < |hi| < Inf) on the float64 bit pattern: the low 52 - m bits are
+    the remainder; lo only matters when the remainder is 0 (lo < 0 puts the value just
+    below) or exactly half (lo breaks the tie). Everything else: ``_round_dd_slow``.
+    """
+    a = abs(hi)
+    if not (a > _FP32_MIN_NORMAL and a < np.inf):
+        return _round_dd_slow(hi, lo, m, rtz)
+    b = lo if hi > 0.0 else -lo
+    u = _f64_bits(a)
+    one = np.int64(1) << np.int64(52 - m)
+    rem = u & (one - 1)
+    base = u - rem
+    if rem == 0:
+        if b < 0.0 and rtz:
+            base -= one
+    elif not rtz:
+        half = one >> np.int64(1)
+        if rem > half or (rem == half and (b > 0.0 or (b == 0.0 and (base & one) != 0))):
+            base += one
+    # (2 - 2^-m) * 2^127: biased exponent 1150, the top m fraction bits set
+    maxbits = (np.int64(1150) << np.int64(52)) | (((np.int64(1) << np.int64(m)) - 1) << np.int64(52 - m))
+    if base > maxbits:
+        r = _bits_f64(maxbits) if rtz else np.inf
+    else:
+        r = _bits_f64(base)
+    return r if hi > 0.0 else -r
+
+
+@njit(cache=True)
+def _round_dd_slow(hi, lo, m, rtz):
     """Round the exact value hi + lo (|lo| <= ulp(hi)/2) to m fraction bits, FP32 range."""
     if hi != hi or hi == np.inf or hi == -np.inf:
         return hi
@@ -439,8 +492,8 @@ def _fold_one(S_hi, S_lo, c, pow2, sp, spv, m, rtz, promote_now, partial, reg):
 # ---------------------------------------------------------------------------
 # exact fast path: fold BLAS block sums
 # ---------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
-def _fold_block(T, row0, j, L, K, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m, rtz,
+@njit(cache=True, nogil=True)
+def _fold_block(T, row0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB, any_special, m, rtz,
                 promote_now, partial, reg, stat_max):
     """partial/reg[r, n] (rows row0..row0+mt) absorb block j's sums T[r, n]."""
     mt, N = T.shape
@@ -453,7 +506,7 @@ def _fold_block(T, row0, j, L, K, FA, FB, q, pow2, spa, spb, VA, VB, any_special
         best = stat_max[mrow]
         for n in range(N):
             s = T[r, n]
-            c = fa * FB[n, j]
+            c = fa * FBt[j, n]
             sp = False
             spv = 0.0
             if any_special and (sa or spb[n, j]):
@@ -469,8 +522,8 @@ def _fold_block(T, row0, j, L, K, FA, FB, q, pow2, spa, spb, VA, VB, any_special
         stat_max[mrow] = best
 
 
-@njit(parallel=True, cache=True)
-def _fold_block_fp32(T, row0, j, FA, FB, q, acc32, stat_max):
+@njit(cache=True, nogil=True)
+def _fold_block_fp32(T, row0, j, FA, FBt, q, acc32, stat_max):
     """Special case m = 23, rne, power-of-two factors, no specials, terms exact in FP32:
     acc32 += float32(S * c) is exactly round_fp32(acc + round_fp32(S * c))."""
     mt, N = T.shape
@@ -482,7 +535,7 @@ def _fold_block_fp32(T, row0, j, FA, FB, q, acc32, stat_max):
             s = np.float64(T[r, n])
             a = abs(s)
             best = a if a > best else best
-            acc32[r, n] += np.float32(s * (fa * FB[n, j]))
+            acc32[r, n] += np.float32(s * (fa * FBt[j, n]))
         stat_max[mrow] = best
 
 
@@ -602,7 +655,7 @@ def _finish(partial, reg, promote_blocks, nsub, out, row0):
 # ---------------------------------------------------------------------------
 _DEFAULT_ACC = Accumulator()
 _DEFAULT_FLOAT = FloatAcc()
-ROW_TILE = 256
+TILE_ELEMENTS = 1 << 22  # rows x N of one block's sums kept at a time (16 MiB in fp32)
 
 
 def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DEFAULT_FLOAT,
@@ -727,23 +780,27 @@ def _fp32_fold_ok(FA, FB, qexp_f: float, pow2, any_special, m_bits, rtz, promote
 
 def _exact_blas(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m_bits,
                 rtz, promote_blocks, dt, result, common) -> GemmResult:
+    # blocks as contiguous (nsub, rows, L) / (nsub, L, N) stacks: one BLAS call per block
+    # and row tile (K = L is short, so the tile spans as many rows as the budget allows).
     Ai = _padded_blocks(A.ints, nsub, L, dt)
     Bi = _padded_blocks(B.ints, nsub, L, dt)
-    # B as nsub blocks of L x N (contiguous) so each block GEMM is A_j (mt x L) @ B_j^T
+    A3 = np.ascontiguousarray(Ai.reshape(M, nsub, L).transpose(1, 0, 2))
     Bt3 = np.ascontiguousarray(Bi.reshape(N, nsub, L).transpose(1, 2, 0))
+    del Ai, Bi
     worst = L * A.max_int * B.max_int
     fast32 = _fp32_fold_ok(FA, FB, A.qexp + B.qexp, pow2, any_special, m_bits, rtz,
                            promote_blocks, worst)
+    FBt = np.ascontiguousarray(FB.T)
     stat_max = np.zeros(M, dtype=np.float64)
-    mt_max = min(M, ROW_TILE)
-    T = np.empty((mt_max, N), dtype=dt)
+    tile = max(1, min(M, TILE_ELEMENTS // max(N, 1)))
+    T = np.empty((tile, N), dtype=dt)
     if fast32:
-        acc32 = np.empty((mt_max, N), dtype=np.float32)
+        acc32 = np.empty((tile, N), dtype=np.float32)
     else:
-        partial = np.empty((mt_max, N), dtype=np.float64)
-        reg = np.empty((mt_max, N), dtype=np.float64)
-    for row0 in range(0, M, ROW_TILE):
-        mt = min(ROW_TILE, M - row0)
+        partial = np.empty((tile, N), dtype=np.float64)
+        reg = np.empty((tile, N), dtype=np.float64)
+    for row0 in range(0, M, tile):
+        mt = min(tile, M - row0)
         Tt = T[:mt]
         if fast32:
             at = acc32[:mt]
@@ -753,12 +810,12 @@ def _exact_blas(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any_s
             pt[:] = 0.0
             rt[:] = 0.0
         for j in range(nsub):
-            np.matmul(Ai[row0:row0 + mt, j * L:(j + 1) * L], Bt3[j], out=Tt)
+            np.matmul(A3[j, row0:row0 + mt], Bt3[j], out=Tt)
             if fast32:
-                _fold_block_fp32(Tt, row0, j, FA, FB, q, at, stat_max)
+                _fold_block_fp32(Tt, row0, j, FA, FBt, q, at, stat_max)
             else:
                 promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
-                _fold_block(Tt, row0, j, L, K, FA, FB, q, pow2, spa, spb, VA, VB, any_special,
+                _fold_block(Tt, row0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB, any_special,
                             m_bits, rtz, promote_now, pt, rt, stat_max)
         if fast32:
             result[row0:row0 + mt] = at
@@ -820,3 +877,44 @@ def set_threads(n: int) -> None:
 
 
 del os
+
+
+def accumulator_trace(a, b, *, acc: Accumulator = _DEFAULT_ACC):
+    """The in-block accumulator after every addition, in index order (small problems).
+
+    Returns ``(trace, block_sums)``: ``trace[m, n, k]`` is ``acc_{i+1}`` of the module
+    docstring for k = the i-th index of its block (Python ints in an object array when
+    any value exceeds int64, else int64), after the overflow rule; ``block_sums[m, n, j]``
+    the value each block ends with (what is scaled and rounded into the float sum).
+    NaN / Inf elements count as 0, as in ``matmul``.
+    """
+    if not isinstance(acc, Accumulator):
+        raise TypeError(f"acc must be a hwsim.Accumulator, got {type(acc).__name__}")
+    A = operand_integers(a, "a")
+    B = operand_integers(b, "b")
+    M, K = a.shape
+    N, Kb = b.shape
+    if K != Kb:
+        raise ValueError(f"a is {a.shape} and b is {b.shape}: their K (axis 1) must agree")
+    L = sub_block_length(A.block, B.block, K)
+    nsub = -(-K // L) if K else 0
+    Ai = A.ints.astype(object)
+    Bi = B.ints.astype(object)
+    trace = np.zeros((M, N, K), dtype=object)
+    sums = np.zeros((M, N, nsub), dtype=object)
+    lo, hi = acc.lo, acc.hi
+    for j in range(nsub):
+        cur = np.zeros((M, N), dtype=object)
+        for k in range(j * L, min(K, (j + 1) * L)):
+            v = cur + Ai[:, k][:, None] * Bi[:, k][None, :]
+            if acc.overflow == "saturate":
+                v = np.minimum(np.maximum(v, lo), hi)
+            elif acc.overflow == "wrap":
+                v = ((v - lo) % (1 << acc.bits)) + lo
+            cur = v
+            trace[:, :, k] = cur
+        sums[:, :, j] = cur
+    if K and all(-(1 << 63) <= int(x) < (1 << 63) for x in (trace.min(initial=0),
+                                                             trace.max(initial=0))):
+        return trace.astype(np.int64), sums.astype(np.int64)
+    return trace, sums
