@@ -139,10 +139,13 @@ def effective_weight(result) -> np.ndarray:
 
 
 def weight_error(W: np.ndarray, result) -> float:
-    """||W - W_eff||_F / ||W||_F (see ``effective_weight``)."""
+    """||W - W_eff||_F / ||W||_F (see ``effective_weight``; the result's ``w_hat`` is that
+    matrix rounded to float32 and is used when present)."""
     W = np.asarray(W, dtype=np.float64)
     n = float(np.linalg.norm(W))
-    return float(np.linalg.norm(W - effective_weight(result)) / n) if n > 0 else 0.0
+    w_hat = getattr(result, "w_hat", None)
+    w_eff = effective_weight(result) if w_hat is None else np.asarray(w_hat, dtype=np.float64)
+    return float(np.linalg.norm(W - w_eff) / n) if n > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- caching
@@ -322,7 +325,7 @@ def _run(model: nn.Module, batches: Sequence, names: Sequence[str], *, inputs: b
     return cat(cap_in), cat(cap_out), torch.cat(finals) if finals else torch.empty(0)
 
 
-def _check_batches(model: nn.Module, batches, what: str) -> list:
+def _check_batches(batches, what: str) -> list:
     if batches is None:
         raise ValueError(f"{what} inputs are required for a torch model")
     if isinstance(batches, (torch.Tensor, Mapping)):
@@ -330,14 +333,17 @@ def _check_batches(model: nn.Module, batches, what: str) -> list:
     batches = list(batches)
     if not batches:
         raise ValueError(f"{what} inputs are empty; give at least one batch")
-    try:
-        with torch.inference_mode():
-            _call(model, batches[0])
-    except (RuntimeError, IndexError) as exc:
-        shape = _describe(batches[0])
-        raise ValueError(f"{what} inputs of shape {shape} do not fit the model: "
-                         f"{str(exc).splitlines()[0]}") from None
     return batches
+
+
+def _run_checked(model, batches, names, what: str, **kw):
+    """``_run`` that reports inputs the model cannot take as a ValueError naming their shape."""
+    try:
+        return _run(model, batches, names, **kw)
+    except (RuntimeError, IndexError) as exc:
+        shapes = ", ".join(sorted({_describe(b) for b in batches}))
+        raise ValueError(f"{what} inputs of shape {shapes} do not fit the model: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def _describe(batch) -> str:
@@ -450,17 +456,27 @@ def _clean(x):
 
 def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, seed, steps,
                      activations, cache: LayerCache | None, progress: _Progress) -> dict:
+    """Quantize every weight for ``cfg``, loading finished layers from ``cache``.
+
+    Runs on one torch thread: the optimizer's GEMMs are too small to gain from
+    two, and its result bits then do not depend on the machine's thread count.
+    """
     method = (methods or {}).get(cfg.name) or method_for(cfg)
     results = {}
-    for name, W in weights.items():
-        res = cache.load(cfg.name, name) if cache is not None else None
-        if res is None:
-            acts = None if activations is None else activations.get(name)
-            res = quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts)
-            if cache is not None:
-                cache.save(cfg.name, name, res)
-        results[name] = res
-        progress.step(1, f"{cfg.name} {name}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, W in weights.items():
+            res = cache.load(cfg.name, name) if cache is not None else None
+            if res is None:
+                acts = None if activations is None else activations.get(name)
+                res = quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts)
+                if cache is not None:
+                    cache.save(cfg.name, name, res)
+            results[name] = res
+            progress.step(1, f"{cfg.name} {name}")
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 
@@ -483,8 +499,8 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
     names = _linear_names(model)
     if not names:
         raise ValueError("the model has no nn.Linear layers to analyze")
-    calibration = _check_batches(model, calibration, "calibration")
-    evaluation = _check_batches(model, evaluation, "evaluation") if evaluation is not None else calibration
+    calibration = _check_batches(calibration, "calibration")
+    evaluation = _check_batches(evaluation, "evaluation") if evaluation is not None else calibration
     prog = _Progress(progress)
     cache = LayerCache(cache_dir, cache_key) if cache_dir is not None else None
     mods = {n: model.get_submodule(n) for n in names}
@@ -495,9 +511,12 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
     need_acts = any(((methods or {}).get(c.name) or method_for(c)) == "svdquant" for c in cfgs)
     acts = None
     if need_acts:
-        cal_in, _, _ = _run(model, calibration, names, inputs=True, outputs=False)
+        cal_in, _, _ = _run_checked(model, calibration, names, "calibration", inputs=True,
+                                    outputs=False)
         acts = {n: cal_in[n].numpy() for n in names}
-    fp_in, fp_out, fp_final = _run(model, evaluation, names, inputs=True)
+    else:
+        _run_checked(model, calibration[:1], [], "calibration", inputs=False, outputs=False)
+    fp_in, fp_out, fp_final = _run_checked(model, evaluation, names, "evaluation", inputs=True)
 
     out = {"layer_names": names, "configs": {}}
     for cfg in cfgs:

@@ -307,27 +307,32 @@ class QuantLinear(nn.Module):
             self.stats.act_err2 += err
             self.stats.act_norm2 += nrm
 
+    def _qdq(self, x: torch.Tensor, fmt):
+        """(fake-quantized x, its QTensor when statistics are on, else None)."""
+        if self.collect_stats and not _is_ieee(fmt):
+            q = nft.quantize(x, fmt, axis=-1)
+            return nft.dequantize(q), q  # == fake_quantize bit for bit
+        return nft.fake_quantize(x, fmt, axis=-1), None
+
     def _fast(self, x2: torch.Tensor) -> torch.Tensor:
         st = self.collect_stats
-        xm = nft.fake_quantize(x2, self.main_act, axis=-1)
+        xm, qm = self._qdq(x2, self.main_act)
         y = xm @ self.weight.T
         if st:
             self.stats.tokens += x2.shape[0]
             self._note_act(x2, xm, False)
-            self.stats.note_bits("main", observed_bits(nft.quantize(x2, self.main_act, axis=-1),
-                                                       self.main_q))
+            if qm is not None:
+                self.stats.note_bits("main", observed_bits(qm, self.main_q))
         if self.rank:
-            xb = nft.fake_quantize(x2, self.branch_act, axis=-1)
+            xb, qb = self._qdq(x2, self.branch_act)
             h = xb @ self.right.T
-            hq = nft.fake_quantize(h, self.branch_act, axis=-1)
+            hq, qh = self._qdq(h, self.branch_act)
             y = y + hq @ self.left.T
             if st:
                 self._note_act(x2, xb, True)
-                if not _is_ieee(self.branch_act):
-                    self.stats.note_bits("branch_in", observed_bits(
-                        nft.quantize(x2, self.branch_act, axis=-1), self.right_q))
-                    self.stats.note_bits("branch_out", observed_bits(
-                        nft.quantize(h, self.branch_act, axis=-1), self.left_q))
+                if qb is not None:
+                    self.stats.note_bits("branch_in", observed_bits(qb, self.right_q))
+                    self.stats.note_bits("branch_out", observed_bits(qh, self.left_q))
         return y
 
     def _gemm(self, a, b, gemm: str) -> torch.Tensor:
