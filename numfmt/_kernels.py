@@ -35,7 +35,10 @@ import math
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
 from numba import prange
+from numba.core import types
+from numba.extending import intrinsic
 
 RNE, RNA, RTZ, RUP, RDN, STOCHASTIC = range(6)
 COMPAT_OCP, COMPAT_MX = 0, 1
@@ -46,6 +49,18 @@ with np.errstate(over="ignore"):
     POW2 = np.ldexp(1.0, np.arange(-_P2_OFFSET, _P2_OFFSET, dtype=np.int64)).astype(np.float64)
 
 _JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
+
+
+@intrinsic
+def f64_from_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 ``bits`` (an LLVM bitcast: vectorizes)."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(bits), codegen
 
 
 @nb.njit(inline="always", **_JIT)
@@ -212,59 +227,371 @@ def _mx_element_microxcaling(v, X, is_int, ese, m, emin, maxmag, lo, hi, mode):
     return n, qe, False
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(**_JIT)
+def _mx_generic_block(x, xb, start, stop, X, codes, fake, want_codes, shift, emask, fbias,
+                      is_int, code_mask, sign_bit, ese, m, emin, qemin, maxmag, max_code_mag,
+                      lo, hi, mode, compat, seed, index0):
+    """One MX block, element by element (the reference arithmetic of the module docstring).
+
+    Used for stochastic rounding, microxcaling compat and blocks whose exponent
+    range reaches float32 subnormals; the specialised loops below cover the rest.
+    """
+    for i in range(start, stop):
+        v = np.float64(x[i])
+        n, qe, sat = _mx_element(v, xb[i], X, is_int, ese, m, emin, maxmag, lo, hi,
+                                 shift, emask, fbias, mode, compat, seed, index0 + i)
+        if want_codes:
+            if is_int:
+                codes[i] = np.int64(n) & code_mask
+            else:
+                if sat:
+                    cm = max_code_mag
+                else:
+                    cm = ((qe - qemin) << m) + np.int64(abs(n))
+                if math.copysign(1.0, n) < 0:
+                    cm |= sign_bit
+                codes[i] = cm
+        else:
+            if sat and not is_int:
+                val = math.copysign(maxmag, n)
+            else:
+                val = n * pow2(qe)
+            fake[i] = val * pow2(X)
+
+
+@nb.njit(inline="always", **_JIT)
+def _round_fixed(t, mode):
+    """round_mode for the deterministic modes; ``mode`` is a constant at every call site,
+    so the branch folds away and the loops around it vectorize."""
+    if mode == RNE:
+        return np.rint(t)
+    elif mode == RNA:
+        return math.copysign(math.floor(abs(t) + 0.5), t)
+    elif mode == RTZ:
+        return math.copysign(math.trunc(t), t)
+    elif mode == RUP:
+        return math.copysign(math.ceil(t), t)
+    else:
+        return math.copysign(math.floor(t), t)
+
+
+@nb.njit(inline="always", **_JIT)
+def _mx_int_block(xs, o, n, k, lo, hi, code_mask, cs, fs, want_codes, mode):
+    """Integer elements xs[o:o+n]: q = clamp(round(v * 2^-k), lo, hi), k = X + ese;
+    dequantized q * 2^k (exact in float64; +0 for a zero: integers have no -0).
+
+    Callers pass slices and offsets built from non-negative loop counters, so Numba
+    emits no negative-index wraparound and LLVM vectorizes the loop (fully unrolled
+    where n is a compile-time block size)."""
+    inv = f64_from_bits((np.int64(1023) - k) << 52)
+    pw = f64_from_bits((np.int64(1023) + k) << 52)
+    flo = np.float64(lo)
+    fhi = np.float64(hi)
+    if want_codes:
+        for j in range(n):
+            q = _round_fixed(np.float64(xs[o + j]) * inv, mode)
+            q = fhi if q > fhi else q
+            q = flo if q < flo else q
+            cs[o + j] = np.int64(q) & code_mask
+    else:
+        for j in range(n):
+            q = _round_fixed(np.float64(xs[o + j]) * inv, mode)
+            q = fhi if q > fhi else q
+            q = flo if q < flo else q
+            fs[o + j] = (q + 0.0) * pw
+
+
+@nb.njit(inline="always", **_JIT)
+def _mx_float_block(xs, xbs, o, n, X, shift, emask, fbias, m, emin, maxmag, max_code_mag,
+                    sign_bit, cs, fs, want_codes, mode):
+    """Float elements xs[o:o+n]. With k = X + qe = max(e_v, X + emin) - m (e_v from the
+    exponent field; a zero or subnormal input reads e_v = -fbias, which the caller
+    guarantees is <= X + emin, so the max is exact): t = v * 2^-k, q = round(t),
+    value q * 2^k saturated at maxmag * 2^X. Code magnitude
+    ((max(e_v, X + emin) - (X + emin)) << m) + |q| (the carry into the next binade
+    included), the sign bit taken from v's bits."""
+    base = X + emin
+    maxv = maxmag * pow2(X)
+    ebias = np.int64(1023)
+    if want_codes:
+        sshift = shift + 8 if shift == 23 else shift + 11
+        for j in range(n):
+            b = xbs[o + j]
+            ev = np.int64((b >> shift) & emask) - fbias
+            ey = ev if ev > base else base
+            k = ey - m
+            q = _round_fixed(np.float64(xs[o + j]) * f64_from_bits((ebias - k) << 52), mode)
+            aq = abs(q)
+            cm = ((ey - base) << m) + np.int64(aq)
+            cm = max_code_mag if aq * f64_from_bits((ebias + k) << 52) > maxv else cm
+            cs[o + j] = cm | (sign_bit * np.int64(b >> sshift))
+    else:
+        for j in range(n):
+            ev = np.int64((xbs[o + j] >> shift) & emask) - fbias
+            k = (ev if ev > base else base) - m
+            q = _round_fixed(np.float64(xs[o + j]) * f64_from_bits((ebias - k) << 52), mode)
+            val = q * f64_from_bits((ebias + k) << 52)
+            val = maxv if val > maxv else val
+            val = -maxv if val < -maxv else val
+            fs[o + j] = val
+
+
+@nb.njit(**_JIT)
+def _microxcaling_exponent(xs, xbs, o, n, absmask, amb):
+    """floor(log2f(amax)) as microxcaling computes it (-126 for an all-zero block)."""
+    if amb == 0:
+        return np.int64(-126)
+    a = 0.0
+    for j in range(n):
+        if (xbs[o + j] & absmask) == amb:
+            a = abs(np.float64(xs[o + j]))
+            break
+    return log2f_floor(a)
+
+
+@nb.njit(inline="always", **_JIT)
+def _mx_block_exponent_fast(xs, xbs, o, n, shift, emask, fbias, absmask, specialbits,
+                            elem_emax, compat):
+    """(X, is_nan) for the block xs[o:o+n], as _mx_block_exponent, from a max over the
+    magnitude bits (a vectorizable integer reduction)."""
+    amb = xbs[o] & absmask
+    for j in range(n):
+        b = xbs[o + j] & absmask
+        amb = b if b > amb else amb
+    if amb >= specialbits:
+        return np.int64(0), True
+    if compat == COMPAT_MX:
+        e = _microxcaling_exponent(xs, xbs, o, n, absmask, amb)
+    else:
+        if amb == 0:
+            return np.int64(-127), False
+        ef = np.int64((amb >> shift) & emask)
+        if ef != 0:
+            e = ef - fbias
+        else:  # subnormal: value = frac * 2^(1 - fbias - shift); floor(log2) from frac's top bit
+            e = np.int64(1) - fbias - shift
+            mm = np.int64(amb)
+            while mm > 1:
+                mm >>= 1
+                e += 1
+    X = e - elem_emax
+    if X > 127:
+        return np.int64(0), True
+    if X < -127:
+        X = np.int64(-127)
+    return X, False
+
+
+@nb.njit(inline="always", **_JIT)
+def _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias, absmask,
+                   specialbits, elem_emax, compat):
+    """Shared exponent of block xs[o:o+n] (scale index g). A NaN block is written out
+    here (scale 0xFF, codes 0 / NaN values) and reported as done; otherwise the E8M0
+    scale code X + 127 is stored and (X, False) returned."""
+    X, is_nan = _mx_block_exponent_fast(xs, xbs, o, n, shift, emask, fbias, absmask,
+                                        specialbits, elem_emax, compat)
+    if is_nan:
+        if want_codes:
+            scales[g] = 255
+            for j in range(n):
+                cs[o + j] = 0
+        else:
+            for j in range(n):
+                fs[o + j] = np.nan
+        return X, True
+    if want_codes:
+        scales[g] = X + 127
+    return X, False
+
+
+# MX kernels, one per family so that each compiles only the loops it runs:
+#   int      OCP + RNE, integer elements (vectorized)
+#   float    OCP + RNE, float elements (vectorized; blocks whose range reaches the
+#            input's subnormals fall back to the reference loop)
+#   generic  every other mode and compat="microxcaling" (the reference loop)
+# Each views x as (rows, L) with blocks of bs along L and splits the rows into
+# ``nchunks`` parallel tasks; ``const_bs`` > 0 (only when L == bs == const_bs) makes
+# the block length a compile-time constant. Indices are built from non-negative loop
+# counters so that Numba emits no negative-index wraparound.
+@nb.njit(inline="always", **_JIT)
+def _mx_body_int(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias,
+                 absmask, specialbits, ebits_total, ese, elem_emax, lo, hi, compat, nchunks,
+                 const_bs):
+    code_mask = (np.int64(1) << ebits_total) - 1
+    nblk = (L + bs - 1) // bs
+    for c in prange(nchunks):
+        r0 = (rows * c) // nchunks
+        r1 = (rows * (c + 1)) // nchunks
+        xs = x[r0 * L:r1 * L]
+        xbs = xb[r0 * L:r1 * L]
+        cs = codes[r0 * L:r1 * L] if want_codes else codes
+        fs = fake if want_codes else fake[r0 * L:r1 * L]
+        for rr in range(r1 - r0):
+            for b in range(nblk):
+                if const_bs > 0:  # L == bs: one block per row, a constant-length loop
+                    o = rr * const_bs
+                    n = const_bs
+                else:
+                    o = rr * L + b * bs
+                    n = min(bs, L - b * bs)
+                X, done = _mx_block_head(xs, xbs, cs, fs, o, n, (r0 + rr) * nblk + b, scales,
+                                         want_codes, shift, emask, fbias, absmask, specialbits,
+                                         elem_emax, compat)
+                if not done:
+                    _mx_int_block(xs, o, n, X + ese, lo, hi, code_mask, cs, fs, want_codes, RNE)
+
+
+@nb.njit(inline="always", **_JIT)
+def _mx_body_float(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias,
+                   absmask, specialbits, ebits_total, m, emin, elem_emax, maxmag, max_code_mag,
+                   compat, nchunks, const_bs):
+    code_mask = (np.int64(1) << ebits_total) - 1
+    sign_bit = np.int64(1) << (ebits_total - 1)
+    nblk = (L + bs - 1) // bs
+    for c in prange(nchunks):
+        r0 = (rows * c) // nchunks
+        r1 = (rows * (c + 1)) // nchunks
+        xs = x[r0 * L:r1 * L]
+        xbs = xb[r0 * L:r1 * L]
+        cs = codes[r0 * L:r1 * L] if want_codes else codes
+        fs = fake if want_codes else fake[r0 * L:r1 * L]
+        for rr in range(r1 - r0):
+            for b in range(nblk):
+                if const_bs > 0:  # L == bs: one block per row, a constant-length loop
+                    o = rr * const_bs
+                    n = const_bs
+                else:
+                    o = rr * L + b * bs
+                    n = min(bs, L - b * bs)
+                X, done = _mx_block_head(xs, xbs, cs, fs, o, n, (r0 + rr) * nblk + b, scales,
+                                         want_codes, shift, emask, fbias, absmask, specialbits,
+                                         elem_emax, compat)
+                if not done:
+                    if X + emin >= -fbias:
+                        _mx_float_block(xs, xbs, o, n, X, shift, emask, fbias, m, emin, maxmag,
+                                        max_code_mag, sign_bit, cs, fs, want_codes, RNE)
+                    else:
+                        _mx_generic_block(xs, xbs, o, o + n, X, cs, fs, want_codes, shift,
+                                          emask, fbias, False, code_mask, sign_bit, 0, m, emin,
+                                          emin - m, maxmag, max_code_mag, 0, 0, RNE, compat, 0,
+                                          r0 * L)
+
+
+@nb.njit(inline="always", **_JIT)
+def _mx_body_generic(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias,
+                     absmask, specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag,
+                     max_code_mag, lo, hi, mode, compat, seed, nchunks, const_bs):
+    code_mask = (np.int64(1) << ebits_total) - 1
+    sign_bit = np.int64(1) << (ebits_total - 1)
+    nblk = (L + bs - 1) // bs
+    for c in prange(nchunks):
+        r0 = (rows * c) // nchunks
+        r1 = (rows * (c + 1)) // nchunks
+        xs = x[r0 * L:r1 * L]
+        xbs = xb[r0 * L:r1 * L]
+        cs = codes[r0 * L:r1 * L] if want_codes else codes
+        fs = fake if want_codes else fake[r0 * L:r1 * L]
+        for rr in range(r1 - r0):
+            for b in range(nblk):
+                if const_bs > 0:  # L == bs: one block per row, a constant-length loop
+                    o = rr * const_bs
+                    n = const_bs
+                else:
+                    o = rr * L + b * bs
+                    n = min(bs, L - b * bs)
+                X, done = _mx_block_head(xs, xbs, cs, fs, o, n, (r0 + rr) * nblk + b, scales,
+                                         want_codes, shift, emask, fbias, absmask, specialbits,
+                                         elem_emax, compat)
+                if not done:
+                    _mx_generic_block(xs, xbs, o, o + n, X, cs, fs, want_codes, shift, emask,
+                                      fbias, is_int, code_mask, sign_bit, ese, m, emin, emin - m,
+                                      maxmag, max_code_mag, lo, hi, mode, compat, seed, r0 * L)
+
+
+FAMILY_INT, FAMILY_FLOAT, FAMILY_GENERIC = 0, 1, 2
+
+
+def _make_mx_int_kernel(const_bs):
+    @nb.njit(parallel=True, **_JIT)
+    def kernel(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias, absmask,
+               specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag, max_code_mag,
+               lo, hi, mode, compat, seed, nchunks):
+        _mx_body_int(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias,
+                     absmask, specialbits, ebits_total, ese, elem_emax, lo, hi, compat, nchunks,
+                     const_bs)
+    return kernel
+
+
+def _make_mx_float_kernel(const_bs):
+    @nb.njit(parallel=True, **_JIT)
+    def kernel(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias, absmask,
+               specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag, max_code_mag,
+               lo, hi, mode, compat, seed, nchunks):
+        _mx_body_float(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias,
+                       absmask, specialbits, ebits_total, m, emin, elem_emax, maxmag,
+                       max_code_mag, compat, nchunks, const_bs)
+    return kernel
+
+
+def _make_mx_generic_kernel(const_bs):
+    @nb.njit(parallel=True, **_JIT)
+    def kernel(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias, absmask,
+               specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag, max_code_mag,
+               lo, hi, mode, compat, seed, nchunks):
+        _mx_body_generic(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask,
+                         fbias, absmask, specialbits, is_int, ebits_total, ese, m, emin,
+                         elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, nchunks,
+                         const_bs)
+    return kernel
+
+
+_MX_FACTORIES = {FAMILY_INT: _make_mx_int_kernel, FAMILY_FLOAT: _make_mx_float_kernel,
+                 FAMILY_GENERIC: _make_mx_generic_kernel}
+
+
+_KERNELS = {}
+_CONST_BLOCK_SIZES = (32,)
+# the tests switch these off to compare the fast loops with the reference loops
+_FAST_ABSMAX = True
+_FAST_NVFP4 = True
+
+
+def mx_kernel(family, bs):
+    """The MX kernel of one family, with the block length a compile-time constant when it
+    is 32 (the MX default), built and compiled on first use and cached on disk by Numba.
+    Few kernels, each small: first-call compile time stays low."""
+    const_bs = bs if (bs in _CONST_BLOCK_SIZES and family != FAMILY_GENERIC) else 0
+    key = ("mx", family, const_bs)
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = _MX_FACTORIES[family](const_bs)
+    return k
+
+
+def _nchunks(rows, L):
+    """Parallel tasks over rows: a few per thread, none much smaller than ~16k elements."""
+    return max(1, min(rows, 4 * nb.get_num_threads(), rows * L // 16384 + 1))
+
+
 def mx_quantize(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias,
                 absmask, specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag,
                 max_code_mag, lo, hi, mode, compat, seed):
-    """MX block quantization of x viewed as (rows, L), blocks of bs along L.
-
-    Writes element codes (``want_codes``) into ``codes`` and E8M0 scale codes into
-    ``scales`` (rows, nblocks), or the dequantized float32 values into ``fake``.
-    """
-    nblk = (L + bs - 1) // bs
-    total = rows * nblk
-    code_mask = (1 << ebits_total) - 1
-    sign_bit = 1 << (ebits_total - 1)
-    qemin = emin - m
-    for g in prange(total):
-        r = g // nblk
-        b = g - r * nblk
-        start = r * L + b * bs
-        stop = min(start + bs, r * L + L)
-        X, is_nan = _mx_block_exponent(xb, start, stop, shift, emask, fbias, absmask,
-                                       specialbits, x, elem_emax, compat)
-        if is_nan:
-            if want_codes:
-                scales[g] = 255
-                for i in range(start, stop):
-                    codes[i] = 0
-            else:
-                for i in range(start, stop):
-                    fake[i] = np.nan
-            continue
-        if want_codes:
-            scales[g] = X + 127
-        for i in range(start, stop):
-            v = np.float64(x[i])
-            n, qe, sat = _mx_element(v, xb[i], X, is_int, ese, m, emin, maxmag, lo, hi,
-                                     shift, emask, fbias, mode, compat, seed, i)
-            if want_codes:
-                if is_int:
-                    codes[i] = np.int64(n) & code_mask
-                else:
-                    if sat:
-                        cm = max_code_mag
-                    else:
-                        cm = ((qe - qemin) << m) + np.int64(abs(n))
-                    if math.copysign(1.0, n) < 0:
-                        cm |= sign_bit
-                    codes[i] = cm
-            else:
-                if sat and not is_int:
-                    val = math.copysign(maxmag, n)
-                else:
-                    val = n * pow2(qe)
-                fake[i] = val * pow2(X)
+    """Run the MX kernel of the right family (see the comment above ``_mx_body_int``): the vectorized
+    loops for OCP + RNE, the element-by-element reference loop otherwise. When every
+    block is full the data is viewed as one block per row, and a 32-element block
+    becomes a compile-time constant length."""
+    if compat != COMPAT_OCP or mode != RNE:
+        family = FAMILY_GENERIC
+    else:
+        family = FAMILY_INT if is_int else FAMILY_FLOAT
+    if L % bs == 0 and bs in _CONST_BLOCK_SIZES:
+        rows, L = rows * (L // bs), bs
+    else:
+        bs = min(bs, L)
+    mx_kernel(family, bs if L == bs else 0)(
+        x, xb, rows, L, bs, codes, scales, fake, bool(want_codes), shift, emask, fbias,
+        absmask, specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag,
+        max_code_mag, lo, hi, mode, compat, seed, _nchunks(rows, L))
 
 
 # ---------------------------------------------------------------------------
@@ -317,10 +644,32 @@ def float_code(val, m, emin, bias, sign_bit, max_code_mag):
 # ---------------------------------------------------------------------------
 # absmax scaling: SINT (fp16 group scales), per-channel int8 (fp32 scales)
 # ---------------------------------------------------------------------------
-@nb.njit(parallel=True, **_JIT)
-def absmax_quantize(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebits_total,
-                    elem_max, lo, hi, m, emin, bias, max_code_mag, s_m, s_emin, s_max,
-                    s_subnormals, mode, seed):
+@nb.njit(inline="always", **_JIT)
+def _absmax_int_block(xs, s, lo, hi, code_mask, codes, fake, start, want_codes, mode):
+    """Integer elements of one group: q = clamp(round(v / s), lo, hi) with the correctly
+    rounded float64 quotient v / s; dequantized (q + 0) * s."""
+    flo = np.float64(lo)
+    fhi = np.float64(hi)
+    if want_codes:
+        cs = codes[start:start + xs.size]
+        for j in range(xs.size):
+            q = _round_fixed(np.float64(xs[j]) / s, mode)
+            q = fhi if q > fhi else q
+            q = flo if q < flo else q
+            cs[j] = np.int64(q) & code_mask
+    else:
+        fs = fake[start:start + xs.size]
+        for j in range(xs.size):
+            q = _round_fixed(np.float64(xs[j]) / s, mode)
+            q = fhi if q > fhi else q
+            q = flo if q < flo else q
+            fs[j] = (q + 0.0) * s
+
+
+@nb.njit(inline="always", **_JIT)
+def _absmax_body(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebits_total,
+                 elem_max, lo, hi, m, emin, bias, max_code_mag, s_m, s_emin, s_max,
+                 s_subnormals, mode, seed, fast_int):
     """scale = RNE_scalefmt(amax / elem_max); element = round_mode(v / scale), saturated.
 
     v / scale is a correctly rounded float64 quotient; for float32 inputs and
@@ -340,12 +689,11 @@ def absmax_quantize(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebi
         stop = min(start + bs, r * L + L)
         amax = 0.0
         special = False
-        for i in range(start, stop):
-            a = abs(np.float64(x[i]))
-            if not (a <= 1.7976931348623157e308):
-                special = True
-            elif a > amax:
-                amax = a
+        xs0 = x[start:stop]
+        for j in range(xs0.size):
+            a = abs(np.float64(xs0[j]))
+            special |= not (a <= 1.7976931348623157e308)
+            amax = a if a > amax else amax
         if special:
             if want_codes:
                 scales[g] = np.nan
@@ -358,6 +706,11 @@ def absmax_quantize(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebi
         s = round_to_float(amax / elem_max, s_m, s_emin, s_max, s_subnormals, RNE, 0, 0)
         if want_codes:
             scales[g] = s
+        if fast_int and s != 0.0:
+            # RNE, integer elements: a vectorizable loop
+            _absmax_int_block(x[start:stop], s, lo, hi, code_mask, codes, fake, start,
+                              want_codes, RNE)
+            continue
         for i in range(start, stop):
             v = np.float64(x[i])
             if s == 0.0:
@@ -380,22 +733,112 @@ def absmax_quantize(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebi
                 fake[i] = val * s
 
 
+
+
+def _make_absmax_kernel(fast_int):
+    @nb.njit(parallel=True, **_JIT)
+    def kernel(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebits_total, elem_max,
+               lo, hi, m, emin, bias, max_code_mag, s_m, s_emin, s_max, s_subnormals, mode,
+               seed):
+        _absmax_body(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebits_total,
+                     elem_max, lo, hi, m, emin, bias, max_code_mag, s_m, s_emin, s_max,
+                     s_subnormals, mode, seed, fast_int)
+    return kernel
+
+
+def absmax_quantize(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebits_total,
+                    elem_max, lo, hi, m, emin, bias, max_code_mag, s_m, s_emin, s_max,
+                    s_subnormals, mode, seed):
+    """Run the absmax kernel: the vectorized loop for integer elements with RNE,
+    the reference loop otherwise."""
+    fast_int = bool(is_int) and mode == RNE and _FAST_ABSMAX
+    key = ("absmax", fast_int)
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = _make_absmax_kernel(fast_int)
+    k(x, rows, L, bs, codes, scales, fake, bool(want_codes), is_int, ebits_total, elem_max, lo, hi, m, emin, bias,
+      max_code_mag, s_m, s_emin, s_max, s_subnormals, mode, seed)
+
+
 # ---------------------------------------------------------------------------
 # NVFP4: E2M1 elements, E4M3 block scales, FP32 tensor scale
 # ---------------------------------------------------------------------------
-@nb.njit(**_JIT)
-def finite_absmax(x):
-    """Largest finite |x| (0 when there is none)."""
-    amax = 0.0
-    for i in range(x.size):
-        a = abs(np.float64(x[i]))
-        if a <= 1.7976931348623157e308 and a > amax:
-            amax = a
-    return amax
-
-
 @nb.njit(parallel=True, **_JIT)
-def nvfp4_quantize(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode, seed):
+def _finite_absmax_bits(xb, absmask, specialbits, nchunks):
+    """Largest magnitude bit pattern among the finite values (0 when there is none):
+    for non-negative floats the bit patterns order like the values."""
+    part = np.zeros(nchunks, dtype=np.uint64)
+    n = xb.size
+    for c in prange(nchunks):
+        xs = xb[(n * c) // nchunks:(n * (c + 1)) // nchunks]
+        mb = xs[0] & absmask if xs.size else absmask & 0
+        mb = mb if mb < specialbits else absmask & 0
+        for j in range(xs.size):
+            b = xs[j] & absmask
+            b = b if b < specialbits else absmask & 0
+            mb = b if b > mb else mb
+        part[c] = mb
+    return part.max()
+
+
+def finite_absmax(x):
+    """Largest finite |x| as a float (0 when there is none)."""
+    if x.dtype == np.float32:
+        xb, absmask, special, fdt = x.view(np.uint32), np.uint32(0x7FFFFFFF), np.uint32(0x7F800000), np.float32
+        udt = np.uint32
+    else:
+        xb, absmask, special, fdt = (x.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF),
+                                     np.uint64(0x7FF0000000000000), np.float64)
+        udt = np.uint64
+    nchunks = max(1, min(4 * nb.get_num_threads(), x.size // 65536 + 1))
+    mb = _finite_absmax_bits(xb, absmask, special, nchunks)
+    return float(np.array([mb], dtype=udt).view(fdt)[0])
+
+
+@intrinsic
+def f32_bits(typingctx, v):
+    """The IEEE bits of a float32 as int32 (an LLVM bitcast)."""
+    if not isinstance(v, types.Float) or v.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(v), codegen
+
+
+@nb.njit(inline="always", **_JIT)
+def _nvfp4_block(xs, s32, sb32, codes, fake, start, want_codes, mode):
+    """The deterministic-mode element loop of one NVFP4 block (see ``_nvfp4_body``)."""
+    if want_codes:
+        cs = codes[start:start + xs.size]
+        for j in range(xs.size):
+            t32 = np.float32(np.float32(np.float32(xs[j]) * s32) / sb32)
+            tb = np.int64(f32_bits(t32))
+            ey = ((tb >> 23) & 0xFF) - 127
+            ey = ey if ey > 0 else np.int64(0)
+            q = _round_fixed(np.float64(t32) * f64_from_bits((np.int64(1024) - ey) << 52),
+                             mode)
+            aq = abs(q)
+            cm = (ey << 1) + np.int64(aq)
+            cm = 7 if aq * f64_from_bits((np.int64(1022) + ey) << 52) > 6.0 else cm
+            cs[j] = cm | (((tb >> 31) & 1) << 3)
+    else:
+        fs = fake[start:start + xs.size]
+        for j in range(xs.size):
+            t32 = np.float32(np.float32(np.float32(xs[j]) * s32) / sb32)
+            ey = ((np.int64(f32_bits(t32)) >> 23) & 0xFF) - 127
+            ey = ey if ey > 0 else np.int64(0)
+            q = _round_fixed(np.float64(t32) * f64_from_bits((np.int64(1024) - ey) << 52),
+                             mode)
+            e = q * f64_from_bits((np.int64(1022) + ey) << 52)
+            e = 6.0 if e > 6.0 else e
+            e = -6.0 if e < -6.0 else e
+            fs[j] = np.float32(np.float32(np.float32(e) * sb32) / s32)
+
+
+@nb.njit(inline="always", **_JIT)
+def _nvfp4_body(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode, seed, fast):
     """NVIDIA's NVFP4 recipe in float32 arithmetic, in this order:
 
         s_enc   = 6 * 448 / amax(tensor)                 (fp32, given)
@@ -405,6 +848,11 @@ def nvfp4_quantize(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode,
 
     A block whose scale rounds to zero holds zeros (signed); NaN/Inf in a block
     gives the E4M3 NaN scale code 0x7F and NaN values.
+
+    ``fast`` (deterministic modes, ``mode`` a compile-time constant): E2M1 rounding of
+    t = float32(...) written out: ey = max(floor(log2|t|), 0) from t's exponent field
+    (zero and subnormal t read -127, which the max removes), q = round(t * 2^(1-ey))
+    exactly in float64, value q * 2^(ey-1) saturated at 6; code (ey << 1) + |q|.
     """
     nblk = (L + bs - 1) // bs
     total = rows * nblk
@@ -416,12 +864,11 @@ def nvfp4_quantize(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode,
         stop = min(start + bs, r * L + L)
         amax = np.float32(0.0)
         special = False
-        for i in range(start, stop):
-            a = abs(np.float32(x[i]))
-            if not (a <= np.float32(3.4028234663852886e38)):
-                special = True
-            elif a > amax:
-                amax = a
+        xs = x[start:stop]
+        for j in range(xs.size):
+            a = abs(np.float32(xs[j]))
+            special |= not (a <= np.float32(3.4028234663852886e38))
+            amax = a if a > amax else amax
         if special:
             if want_codes:
                 scales[g] = 0x7F
@@ -436,6 +883,9 @@ def nvfp4_quantize(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode,
         if want_codes:
             scales[g] = float_code(sb, 3, -6, 7, 0x80, 0x7E)
         sb32 = np.float32(sb)
+        if fast and sb != 0.0:
+            _nvfp4_block(xs, s32, sb32, codes, fake, start, want_codes, RNE)
+            continue
         for i in range(start, stop):
             v32 = np.float32(x[i])
             if sb == 0.0:
@@ -447,6 +897,24 @@ def nvfp4_quantize(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode,
                 codes[i] = float_code(e, 1, 0, 1, 0x8, 0x7)
             else:
                 fake[i] = np.float32(np.float32(np.float32(e) * sb32) / s32)
+
+
+def _make_nvfp4_kernel(fast):
+    @nb.njit(parallel=True, **_JIT)
+    def kernel(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode, seed):
+        _nvfp4_body(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode, seed, fast)
+    return kernel
+
+
+def nvfp4_quantize(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode, seed):
+    """Run the NVFP4 kernel (the vectorized E2M1 loop for RNE, the reference loop
+    otherwise); see ``_nvfp4_body``."""
+    fast = mode == RNE and _FAST_NVFP4
+    key = ("nvfp4", fast)
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = _make_nvfp4_kernel(fast)
+    k(x, rows, L, bs, s_enc, codes, scales, fake, bool(want_codes), mode, seed)
 
 
 # ---------------------------------------------------------------------------
@@ -517,13 +985,15 @@ def mx_dequantize(codes, scales, rows, L, bs, table, out):
         start = r * L + b * bs
         stop = min(start + bs, r * L + L)
         sc = np.int64(scales[g])
+        os_ = out[start:stop]
         if sc == 255:
-            for i in range(start, stop):
-                out[i] = np.nan
+            for j in range(os_.size):
+                os_[j] = np.nan
         else:
             f = pow2(sc - 127)
-            for i in range(start, stop):
-                out[i] = table[codes[i]] * f
+            cs = codes[start:stop]
+            for j in range(os_.size):
+                os_[j] = table[cs[j]] * f
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -536,8 +1006,10 @@ def scaled_dequantize(codes, scales, rows, L, bs, table, out):
         start = r * L + b * bs
         stop = min(start + bs, r * L + L)
         s = scales[g]
-        for i in range(start, stop):
-            out[i] = table[codes[i]] * s
+        os_ = out[start:stop]
+        cs = codes[start:stop]
+        for j in range(os_.size):
+            os_[j] = table[cs[j]] * s
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -550,5 +1022,7 @@ def nvfp4_dequantize(codes, scales, rows, L, bs, s_enc, e4m3_table, e2m1_table, 
         start = r * L + b * bs
         stop = min(start + bs, r * L + L)
         sb32 = np.float32(e4m3_table[scales[g]])
-        for i in range(start, stop):
-            out[i] = np.float32(np.float32(np.float32(e2m1_table[codes[i]]) * sb32) / s32)
+        os_ = out[start:stop]
+        cs = codes[start:stop]
+        for j in range(os_.size):
+            os_[j] = np.float32(np.float32(np.float32(e2m1_table[cs[j]]) * sb32) / s32)
