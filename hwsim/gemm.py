@@ -91,8 +91,12 @@ reference):
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numba
@@ -636,7 +640,7 @@ def _sequential(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, an
                 out[mrow, n] = np.float32(partial[n])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, nogil=True)
 def _finish(partial, reg, promote_blocks, nsub, out, row0):
     mt, N = partial.shape
     for r in prange(mt):
@@ -778,10 +782,66 @@ def _fp32_fold_ok(FA, FB, qexp_f: float, pow2, any_special, m_bits, rtz, promote
     return lo >= -149 and hi + 24 <= 127
 
 
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """Run NumPy's OpenBLAS with one thread inside the block (restored after).
+
+    The block GEMMs have K = L (32): OpenBLAS's own threading costs more than it gives
+    on such calls (measured 150x slower on a loaded 2-core machine), so the row tiles
+    run in parallel instead, each calling single-threaded BLAS. Found the way
+    threadpoolctl does it (the library's exported set/get functions); a no-op when
+    NumPy uses another BLAS.
+    """
+    fns = _openblas_thread_fns()
+    if fns is None:
+        yield
+        return
+    get_n, set_n = fns
+    before = get_n()
+    with _BLAS_LOCK:
+        set_n(1)
+        try:
+            yield
+        finally:
+            set_n(before)
+
+
+_BLAS_LOCK = threading.RLock()
+_BLAS_FNS: list = []
+
+
+def _openblas_thread_fns():
+    if not _BLAS_FNS:
+        found = None
+        try:
+            with open("/proc/self/maps") as fh:
+                paths = sorted({line.split()[-1] for line in fh
+                                if "openblas" in line.lower() and ".so" in line})
+            for path in paths:
+                lib = ctypes.CDLL(path)
+                for suffix in ("64_", ""):
+                    for prefix in ("scipy_openblas", "openblas"):
+                        g = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                        st = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                        if g is not None and st is not None and "numpy" in path:
+                            g.restype = ctypes.c_int
+                            st.argtypes = [ctypes.c_int]
+                            found = (g, st)
+                            break
+                    if found:
+                        break
+                if found:
+                    break
+        except OSError:
+            found = None
+        _BLAS_FNS.append(found)
+    return _BLAS_FNS[0]
+
+
 def _exact_blas(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m_bits,
                 rtz, promote_blocks, dt, result, common) -> GemmResult:
     # blocks as contiguous (nsub, rows, L) / (nsub, L, N) stacks: one BLAS call per block
-    # and row tile (K = L is short, so the tile spans as many rows as the budget allows).
+    # and row tile; row tiles run on worker threads (BLAS single-threaded, folds nogil).
     Ai = _padded_blocks(A.ints, nsub, L, dt)
     Bi = _padded_blocks(B.ints, nsub, L, dt)
     A3 = np.ascontiguousarray(Ai.reshape(M, nsub, L).transpose(1, 0, 2))
@@ -792,35 +852,38 @@ def _exact_blas(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any_s
                            promote_blocks, worst)
     FBt = np.ascontiguousarray(FB.T)
     stat_max = np.zeros(M, dtype=np.float64)
-    tile = max(1, min(M, TILE_ELEMENTS // max(N, 1)))
-    T = np.empty((tile, N), dtype=dt)
-    if fast32:
-        acc32 = np.empty((tile, N), dtype=np.float32)
-    else:
-        partial = np.empty((tile, N), dtype=np.float64)
-        reg = np.empty((tile, N), dtype=np.float64)
-    for row0 in range(0, M, tile):
+    workers = max(1, numba.get_num_threads())
+    tile = max(1, min(-(-M // workers), TILE_ELEMENTS // max(N, 1), 512))
+
+    def run_tile(row0):
         mt = min(tile, M - row0)
-        Tt = T[:mt]
+        Tt = np.empty((mt, N), dtype=dt)
         if fast32:
-            at = acc32[:mt]
-            at[:] = 0.0
+            at = np.zeros((mt, N), dtype=np.float32)
         else:
-            pt, rt = partial[:mt], reg[:mt]
-            pt[:] = 0.0
-            rt[:] = 0.0
+            pt = np.zeros((mt, N), dtype=np.float64)
+            rt = np.zeros((mt, N), dtype=np.float64)
         for j in range(nsub):
             np.matmul(A3[j, row0:row0 + mt], Bt3[j], out=Tt)
             if fast32:
                 _fold_block_fp32(Tt, row0, j, FA, FBt, q, at, stat_max)
             else:
                 promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
-                _fold_block(Tt, row0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB, any_special,
-                            m_bits, rtz, promote_now, pt, rt, stat_max)
+                _fold_block(Tt, row0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB,
+                            any_special, m_bits, rtz, promote_now, pt, rt, stat_max)
         if fast32:
             result[row0:row0 + mt] = at
         else:
             _finish(pt, rt, promote_blocks, nsub, result, row0)
+
+    starts = list(range(0, M, tile))
+    with _single_threaded_blas():
+        if workers == 1 or len(starts) == 1:
+            for r0 in starts:
+                run_tile(r0)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(run_tile, starts))
     mx = int(stat_max.max())
     return GemmResult(result, mx, 0, bits_for(mx), path="blas32" if dt == np.float32 else
                       "blas64", **common)
@@ -875,8 +938,6 @@ def set_threads(n: int) -> None:
     """Numba worker threads used by the kernels (the benchmark uses 2)."""
     numba.set_num_threads(int(n))
 
-
-del os
 
 
 def accumulator_trace(a, b, *, acc: Accumulator = _DEFAULT_ACC):
