@@ -1,6 +1,15 @@
-"""hwsim: integer-accumulate GEMM models, accumulator widths and hardware cost."""
-from hwsim.accumulator import element_of, worst_case_bits
-from hwsim.gemm import ACC_ROUNDINGS, OVERFLOWS, Accumulator, FloatAcc, GemmResult, matmul
+"""hwsim: bit-exact integer-accumulate GEMM models, accumulator widths and hardware cost.
+
+    res = hwsim.matmul(a, b, acc=hwsim.Accumulator(bits=20, overflow="saturate"),
+                       inter_block=hwsim.FloatAcc(mantissa_bits=13, rounding="rtz"))
+
+The cost model lives in ``hwsim.cost`` (import it explicitly).
+"""
+from hwsim.accumulator import (accumulator_bits, accumulator_table, block_length, element_of,
+                               l1_bound_bits, observed_bits, width_bits, worst_case_bits)
+from hwsim.gemm import (ACC_ROUNDINGS, OVERFLOWS, Accumulator, FloatAcc, GemmResult,
+                        accumulator_trace, matmul)
 
 __all__ = ["matmul", "Accumulator", "FloatAcc", "GemmResult", "OVERFLOWS", "ACC_ROUNDINGS",
-           "worst_case_bits", "element_of"]
+           "accumulator_trace", "accumulator_bits", "accumulator_table", "block_length",
+           "l1_bound_bits", "observed_bits", "width_bits", "worst_case_bits", "element_of"]
