@@ -6,9 +6,9 @@ On all 36 linear layers of all-MiniLM-L6-v2 (``analysis.minilm.linear_weights``)
   SVD of W, residual in the main format, no data, ``refine_iters=0``;
 * LoRaQ with mxint8, mxint6 and mxint4 branches at equal memory to that FP16
   rank-32 branch (ranks 62, 81, 120 on every MiniLM shape), default settings;
-* ablation (mxint4 main): rotation learned / identity / hadamard, per branch;
-* reference points: naive (SVD factors quantized, no optimization), lqer, loftq
-  (5 iterations) at the same ranks.
+* ablation (mxint4 main, the 12 layers of blocks 0 and 5): rotation learned /
+  identity / hadamard per branch, and reference points naive (SVD factors
+  quantized, no optimization), lqer, loftq (5 iterations) at the same ranks.
 
 Writes a JSON file (atomically) with every layer's rel_error and steps, and
 prints Markdown tables: per (main, branch) the mean and worst ratio
@@ -31,14 +31,22 @@ BRANCHES = ("mxint8", "mxint6", "mxint4")
 MAINS = ("mxint4", "sint4")
 
 
+ABLATION_BLOCKS = (0, 5)
+
+
 def _jobs(names, full: bool):
+    """Main table first (every layer), then the ablation and the extra baselines on the
+    layers of blocks ``ABLATION_BLOCKS`` (12 layers: all six kinds, first and last block)."""
     jobs = []
     for name in names:
         for m in MAINS:
             jobs.append((name, "svdquant", m, "fp16", {}))
             for b in BRANCHES:
                 jobs.append((name, "loraq", m, b, {}))
-        if full:
+    if full:
+        sub = [n for n in names if any(n.startswith(f"encoder.layer.{i}.")
+                                       for i in ABLATION_BLOCKS)]
+        for name in sub:
             for b in BRANCHES:
                 for rot in ("identity", "hadamard"):
                     jobs.append((name, "loraq", "mxint4", b, {"rotation": rot}))
@@ -76,14 +84,14 @@ def run_study(processes: int = 2, layers=None, full: bool = True, progress=None)
         for i, j in enumerate(jobs):
             rows.append(_one(j))
             if progress:
-                progress(i + 1, len(jobs))
+                progress(i + 1, len(jobs), rows)
     else:
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(processes, mp_context=ctx) as ex:
-            for i, row in enumerate(ex.map(_one, jobs, chunksize=4)):
+            for i, row in enumerate(ex.map(_one, jobs, chunksize=2)):
                 rows.append(row)
                 if progress:
-                    progress(i + 1, len(jobs))
+                    progress(i + 1, len(jobs), rows)
     return rows
 
 
@@ -114,18 +122,20 @@ def summarize(rows: list[dict]) -> dict:
                     "mean_ratio": float(np.mean(ratios)), "worst_ratio": float(ratios[worst]),
                     "worst_layer": layers[worst], "best_ratio": float(np.min(ratios)),
                     "wins": int(sum(x < 1 for x in ratios)), "mean_steps": float(np.mean(steps))})
+    abl = [L for L in layers if err(L, "loraq", "mxint4", "mxint8", "identity")]
     for b in BRANCHES:
         for rot in ("learned", "identity", "hadamard"):
-            e = [err(L, "loraq", "mxint4", b, rot) for L in layers]
-            s = [err(L, "svdquant", "mxint4", "fp16") for L in layers]
+            e = [err(L, "loraq", "mxint4", b, rot) for L in abl]
+            s = [err(L, "svdquant", "mxint4", "fp16") for L in abl]
             pairs = [(x["rel_error"], y["rel_error"]) for x, y in zip(e, s) if x and y]
             if pairs:
                 out["ablation"].append({"branch": b, "rotation": rot,
                                         "mean_rel_error": float(np.mean([p[0] for p in pairs])),
-                                        "mean_ratio": float(np.mean([p[0] / p[1] for p in pairs]))})
+                                        "mean_ratio": float(np.mean([p[0] / p[1] for p in pairs])),
+                                        "layers": len(pairs)})
         for meth in ("naive", "lqer", "loftq"):
-            e = [err(L, meth, "mxint4", b) for L in layers]
-            s = [err(L, "svdquant", "mxint4", "fp16") for L in layers]
+            e = [err(L, meth, "mxint4", b) for L in abl]
+            s = [err(L, "svdquant", "mxint4", "fp16") for L in abl]
             pairs = [(x["rel_error"], y["rel_error"]) for x, y in zip(e, s) if x and y]
             if pairs:
                 out["baselines"].append({"branch": b, "method": meth,
@@ -164,12 +174,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="loraq_study.json")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="no ablation / extra baselines")
+    p.add_argument("--summarize", metavar="JSON", default=None,
+                   help="only print the tables of an existing study JSON (or .partial)")
     args = p.parse_args(argv)
     from analysis.loraq.result import write_atomic
 
+    if args.summarize:
+        with open(args.summarize, encoding="utf-8") as f:
+            print(markdown(summarize(json.load(f)["rows"])))
+        return 0
+
     t0 = time.perf_counter()
-    rows = run_study(args.processes, full=not args.quick,
-                     progress=lambda i, n: print(f"\r{i}/{n}", end="", flush=True))
+    def progress(i, n, rows):
+        print(f"\r{i}/{n}", end="", flush=True)
+        if i % 24 == 0:   # partial results, so a stopped study still leaves its rows
+            write_atomic(args.out + ".partial", json.dumps({"rows": rows}) + "\n")
+
+    rows = run_study(args.processes, full=not args.quick, progress=progress)
     print()
     summary = summarize(rows)
     doc = {"rows": rows, "summary": summary, "seconds": time.perf_counter() - t0,

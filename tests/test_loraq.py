@@ -1,0 +1,273 @@
+"""LoRaQ optimizer and baselines on small seeded matrices (fast)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import numfmt
+import numfmt.torch as nft
+from analysis.loraq import (LoRaQResult, hadamard, load_result, loftq, lqer, naive, optimize,
+                            rtn, save_result, svdquant)
+from analysis.loraq.optimizer import cayley, step_gradients
+from hwsim.cost import branch_storage_bits, equal_memory_rank, matrix_storage_bits
+
+
+def matrix(out=96, inp=256, seed=0, outliers=(3, 77)):
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((out, inp)) * 0.02).astype(np.float32)
+    W[:, list(outliers)] *= 20
+    return W
+
+
+W0 = matrix()
+
+
+@pytest.fixture(scope="module")
+def res():
+    return optimize(W0, steps=60)
+
+
+# --- bad input: clear errors before any work -------------------------------------------
+@pytest.mark.parametrize("fn", [optimize, naive, lqer, loftq, svdquant, rtn])
+def test_bad_weights_raise(fn):
+    with pytest.raises(ValueError, match="2-D"):
+        fn(np.zeros(10, dtype=np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        fn(np.zeros((2, 3, 4), dtype=np.float32))
+    bad = W0.copy()
+    bad[5, 7] = np.nan
+    with pytest.raises(ValueError, match=r"NaN/Inf.*\[5, 7\]"):
+        fn(bad)
+    bad[5, 7] = np.inf
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fn(bad)
+    with pytest.raises(TypeError, match="str"):
+        fn("weights")
+    with pytest.raises(ValueError, match="mxint5"):
+        fn(W0, main="mxint5")
+
+
+@pytest.mark.parametrize("fn", [optimize, naive, lqer, loftq, svdquant])
+def test_bad_rank_and_branch(fn):
+    for r in (0, 96, 500, -1):
+        with pytest.raises(ValueError, match=f"rank={r}"):
+            fn(W0, rank=r)
+    with pytest.raises(TypeError, match="rank"):
+        fn(W0, rank=2.5)
+    with pytest.raises(ValueError, match="'int9'"):
+        fn(W0, branch="int9")
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="rotation='random'"):
+        optimize(W0, rotation="random")
+    with pytest.raises(ValueError, match="width 100.*in = 256"):
+        optimize(W0, activations=np.ones((8, 100)))
+    with pytest.raises(ValueError, match="width 100"):
+        svdquant(W0, activations=np.ones((8, 100)))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        optimize(W0, activations=np.full((8, 256), np.nan))
+    with pytest.raises(ValueError, match="threads=0"):
+        optimize(W0, threads=0)
+    with pytest.raises(ValueError, match="steps=-1"):
+        optimize(W0, steps=-1)
+    with pytest.raises(ValueError, match="schedule='warm'"):
+        optimize(W0, schedule="warm")
+
+
+# --- result structure --------------------------------------------------------------
+def test_result_structure(res):
+    out, inp = W0.shape
+    r = equal_memory_rank((out, inp), 32, 16, "mxint8")
+    assert res.rank == r and res.method == "loraq"
+    assert res.main.shape == (out, inp) and res.main.axis == 1
+    assert res.left.shape == (out, r) and res.left.axis == 1
+    assert res.right.shape == (r, inp) and res.right.axis == 1
+    assert res.main.format.name == "mxint4" and res.left.format.name == "mxint8"
+    assert (res.main_format, res.branch_format) == ("mxint4", "mxint8")
+    # storage: every code and every scale, and the branch fits the FP16 rank-32 budget
+    assert res.bits == res.main.bits + res.left.bits + res.right.bits
+    assert res.bits == matrix_storage_bits(out, inp, "mxint4") + branch_storage_bits(
+        (out, inp), r, "mxint8")
+    assert branch_storage_bits((out, inp), r, "mxint8") <= 16 * 32 * (out + inp)
+    # w_hat is the float64 reconstruction cast once
+    ref = (numfmt.dequantize(res.main).astype(np.float64)
+           + numfmt.dequantize(res.left).astype(np.float64)
+           @ numfmt.dequantize(res.right).astype(np.float64)).astype(np.float32)
+    assert res.w_hat.dtype == np.float32
+    assert np.array_equal(res.w_hat.view(np.uint32), ref.view(np.uint32))
+    err = np.linalg.norm(W0.astype(np.float64) - ref) / np.linalg.norm(W0.astype(np.float64))
+    assert math.isclose(res.rel_error, err, rel_tol=1e-9)
+    # the main matrix is Q1 of the actual residual
+    P = W0.astype(np.float64) - numfmt.dequantize(res.left).astype(np.float64) @ \
+        numfmt.dequantize(res.right).astype(np.float64)
+    q = numfmt.quantize(P, "mxint4", axis=1)
+    assert np.array_equal(q.codes, res.main.codes) and np.array_equal(q.scales, res.main.scales)
+    assert len(res.history) == res.steps + 1
+
+
+def test_learned_omega_is_orthogonal(res):
+    o = res.omega.astype(np.float64)
+    assert o.shape == (res.rank, res.rank)
+    assert np.abs(o.T @ o - np.eye(res.rank)).max() < 1e-4
+    assert np.abs(o - np.eye(res.rank)).max() > 1e-4   # it did move
+
+
+def test_optimizer_improves_on_its_init_and_on_baselines(res):
+    h = np.array(res.history)
+    assert res.rel_error < h[0] * 0.97
+    assert abs(res.rel_error - h.min()) < 2e-3 * h.min()   # returns the best iterate
+    nv = naive(W0, rank=res.rank)
+    sq = svdquant(W0, rank=8)   # FP16 rank 8 has the memory of mxint8 rank 15 here
+    assert res.rel_error < nv.rel_error < rtn(W0).rel_error
+    assert res.rel_error < sq.rel_error
+
+
+def test_hadamard_matrix():
+    for r in (1, 2, 8, 32):
+        h = hadamard(r)
+        assert np.array_equal(np.abs(h) * math.sqrt(r), np.ones((r, r)))
+        assert np.allclose(h @ h.T, np.eye(r), atol=1e-12)
+    h = hadamard(62)   # 32 + 16 + 8 + 4 + 2 blocks
+    assert np.allclose(h @ h.T, np.eye(62), atol=1e-12)
+    assert np.array_equal(h[:32, :32], hadamard(32)) and np.all(h[:32, 32:] == 0)
+
+
+@pytest.mark.parametrize("rotation", ["identity", "hadamard"])
+def test_fixed_rotations(rotation):
+    r = optimize(W0, rotation=rotation, steps=10, rank=12)
+    want = np.eye(12) if rotation == "identity" else hadamard(12)
+    assert np.array_equal(r.omega, want.astype(np.float32))
+
+
+def test_determinism_same_seed_and_threads():
+    a = optimize(W0, steps=15, seed=3)
+    b = optimize(W0, steps=15, seed=3)
+    c = optimize(W0, steps=15, seed=3, threads=2)
+    for x in (b, c):
+        for name in ("main", "left", "right"):
+            qa, qx = getattr(a, name), getattr(x, name)
+            assert np.array_equal(qa.codes, qx.codes) and np.array_equal(qa.scales, qx.scales)
+        assert a.history == x.history
+
+
+def test_fp16_branch_and_torch_input():
+    r = optimize(torch.from_numpy(W0), branch="fp16", steps=5, rank=8)
+    assert r.left.codes.dtype == np.uint16 and r.left.format.name == "fp16"
+    assert r.left.scales is None and r.bits == r.main.bits + 16 * 8 * (96 + 256)
+
+
+def test_step_gradients_match_autograd_through_numfmt_ste():
+    """The hand-written gradient against autograd with numfmt.torch's STE (Q1 detached)."""
+    torch.manual_seed(0)
+    Wn = torch.from_numpy(W0 / 0.03125)
+    L = torch.randn(96, 6) * 0.5
+    R = torch.randn(6, 256) * 0.5
+    K = (torch.randn(6, 6) * 0.1).requires_grad_(True)
+    H = torch.rand(256) + 0.5
+    for h in (None, H, torch.diag(H)):
+        Om = cayley(K)
+        loss, Lo, Ro, gA, gB = step_gradients(Wn, L, R, Om, "mxint4", "mxint6", h)
+        gK, = torch.autograd.grad(torch.sum(gA * Lo) + torch.sum(gB * Ro), K)
+        # reference: autograd of ||W - Q1(P)_fixed - Q2(L Om) Q2(Om^T R)|| with STE
+        Lr, Rr, Kr = (L.clone().requires_grad_(True), R.clone().requires_grad_(True),
+                      K.detach().clone().requires_grad_(True))
+        Omr = cayley(Kr)
+        A = nft.fake_quantize(Lr @ Omr, "mxint6", axis=1)
+        B = nft.fake_quantize(Omr.T @ Rr, "mxint6", axis=1)
+        M = nft.fake_quantize((Wn - A @ B).detach(), "mxint4", axis=1)
+        E = Wn - M - A @ B
+        ref = torch.sum(E * E) if h is None else (
+            torch.sum(E * E * h) if h.ndim == 1 else torch.sum(E * (E @ h)))
+        ref.backward()
+        assert math.isclose(loss, float(ref.detach()), rel_tol=1e-5)
+        Omd = Om.detach()
+        assert torch.allclose(gA @ Omd.T, Lr.grad, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(Omd @ gB, Rr.grad, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(gK, Kr.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_cayley_orthogonal():
+    K = torch.randn(7, 7, dtype=torch.float64)
+    O = cayley(K)
+    assert torch.allclose(O.T @ O, torch.eye(7, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(cayley(torch.zeros(5, 5)), torch.eye(5))
+
+
+# --- baselines -----------------------------------------------------------------------------
+def test_rtn():
+    r = rtn(W0, main="sint4")
+    assert r.left is None and r.right is None and r.rank == 0 and r.omega is None
+    assert np.array_equal(r.w_hat, numfmt.fake_quantize(W0, "sint4", axis=1))
+    assert r.bits == matrix_storage_bits(96, 256, "sint4")
+
+
+def test_svdquant_is_top_svd_plus_quantized_residual():
+    r = svdquant(W0, rank=8)
+    assert r.left.format.name == "fp16" and r.rank == 8 and r.smooth is None
+    U, S, Vt = np.linalg.svd(W0.astype(np.float64), full_matrices=False)
+    LR = numfmt.dequantize(r.left).astype(np.float64) @ numfmt.dequantize(r.right)
+    ref8, ref7 = (U[:, :8] * S[:8]) @ Vt[:8], (U[:, :7] * S[:7]) @ Vt[:7]
+    assert np.linalg.norm(LR - ref8) < 2e-3 * np.linalg.norm(ref8)   # fp16 factors
+    assert np.linalg.norm(LR - ref7) > 0.05 * np.linalg.norm(ref8)
+    # refinement keeps the best iterate: never worse
+    assert svdquant(W0, rank=8, refine_iters=3).rel_error <= r.rel_error
+
+
+def test_svdquant_smoothing_does_not_hurt_output_error():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((64, 256)) * np.exp(rng.standard_normal(256))[None, :]
+    plain = svdquant(W0, rank=8, activations=X, alpha_grid=(0.0,), beta_grid=(0.0,))
+    assert np.all(plain.smooth == 1)
+    sm = svdquant(W0, rank=8, activations=X)
+    assert sm.smooth.shape == (256,) and sm.output_rel_error <= plain.output_rel_error
+    # a layer that divides its input by smooth and uses the stored matrices equals x @ w_hat^T
+    stored = (numfmt.dequantize(sm.main).astype(np.float64)
+              + numfmt.dequantize(sm.left).astype(np.float64) @ numfmt.dequantize(sm.right))
+    y = (X / sm.smooth.astype(np.float64)) @ stored.T
+    assert np.allclose(y, X @ sm.w_hat.astype(np.float64).T, rtol=1e-4, atol=1e-4)
+
+
+def test_lqer_loftq_naive_shapes_and_order():
+    r = equal_memory_rank((96, 256), 32, 16, "mxint6")
+    for fn in (lqer, loftq, naive):
+        x = fn(W0, branch="mxint6")
+        assert x.rank == r and x.left.format.name == "mxint6" and x.rel_error < rtn(W0).rel_error
+    lf = loftq(W0, branch="mxint6", iters=4)
+    assert len(lf.history) == 4 and math.isclose(lf.rel_error, min(lf.history), rel_tol=1e-6)
+    assert lqer(W0, branch="fp16", rank=4).left.codes.dtype == np.uint16
+
+
+# --- data-aware variant ----------------------------------------------------------------------
+def test_data_aware_variant_lowers_output_error():
+    from analysis.loraq.common import output_rel_error
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((128, 256)) * np.exp(1.5 * rng.standard_normal(256))[None, :]
+    free = optimize(W0, steps=40, rank=12)
+    assert free.output_rel_error is None
+    free_out = output_rel_error(W0, free.w_hat, X)
+    for weighting in ("full", "diag"):
+        aware = optimize(W0, steps=40, rank=12, activations=X, weighting=weighting)
+        assert aware.output_rel_error < 0.8 * free_out, weighting
+        assert aware.config["weighting"] == weighting
+
+
+# --- files -----------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path, res):
+    save_result(res, tmp_path / "layer")
+    back = load_result(tmp_path / "layer")
+    assert isinstance(back, LoRaQResult)
+    for name in ("main", "left", "right"):
+        a, b = getattr(res, name), getattr(back, name)
+        assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scales, b.scales)
+        assert a.format == b.format and a.axis == b.axis
+    assert np.array_equal(back.w_hat.view(np.uint32), res.w_hat.view(np.uint32))
+    assert np.array_equal(back.omega, res.omega)
+    assert back.metrics() == res.metrics() and back.history == res.history
+    assert not list(tmp_path.glob("*.tmp"))
+    r0 = rtn(W0)
+    save_result(r0, tmp_path / "r")
+    assert load_result(tmp_path / "r").left is None
