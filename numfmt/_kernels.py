@@ -807,6 +807,46 @@ def f32_bits(typingctx, v):
     return types.int32(v), codegen
 
 
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if bits.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def f64_bits(typingctx, v):
+    """The IEEE bits of a float64 as int64 (an LLVM bitcast)."""
+    if not isinstance(v, types.Float) or v.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(v), codegen
+
+
+@nb.njit(inline="always", **_JIT)
+def _e4m3_rne_positive(v):
+    """round_to_float(v, 3, -6, 448, subnormals, RNE) for a finite v >= 0 that is a
+    float32 value (so a normal float64): the exponent from v's bits instead of frexp."""
+    if v == 0.0:
+        return v
+    ey = ((f64_bits(v) >> 52) & 0x7FF) - 1023
+    ey = ey if ey > -6 else np.int64(-6)
+    qe = ey - 3
+    r = np.rint(v * f64_from_bits((np.int64(1023) - qe) << 52)) * f64_from_bits((np.int64(1023) + qe) << 52)
+    return 448.0 if r > 448.0 else r
+
+
 @nb.njit(inline="always", **_JIT)
 def _nvfp4_block(xs, s32, sb32, codes, fake, start, want_codes, mode):
     """The deterministic-mode element loop of one NVFP4 block (see ``_nvfp4_body``)."""
@@ -862,13 +902,14 @@ def _nvfp4_body(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode, se
         b = g - r * nblk
         start = r * L + b * bs
         stop = min(start + bs, r * L + L)
-        amax = np.float32(0.0)
-        special = False
         xs = x[start:stop]
+        # amax over float32 magnitude bits (orders like the values; Inf/NaN >= 0x7F800000)
+        amb = np.int32(0)
         for j in range(xs.size):
-            a = abs(np.float32(xs[j]))
-            special |= not (a <= np.float32(3.4028234663852886e38))
-            amax = a if a > amax else amax
+            bj = f32_bits(np.float32(xs[j])) & np.int32(0x7FFFFFFF)
+            amb = bj if bj > amb else amb
+        special = amb >= np.int32(0x7F800000)
+        amax = f32_from_bits(amb)
         if special:
             if want_codes:
                 scales[g] = 0x7F
@@ -879,7 +920,7 @@ def _nvfp4_body(x, rows, L, bs, s_enc, codes, scales, fake, want_codes, mode, se
                     fake[i] = np.nan
             continue
         sv = np.float64(np.float32(np.float32(amax / np.float32(6.0)) * s32))
-        sb = round_to_float(sv, 3, -6, 448.0, True, RNE, 0, 0)
+        sb = _e4m3_rne_positive(sv)
         if want_codes:
             scales[g] = float_code(sb, 3, -6, 7, 0x80, 0x7E)
         sb32 = np.float32(sb)
