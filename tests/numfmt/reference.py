@@ -135,6 +135,8 @@ class Grid:
         nan_codes, inf_codes = [], {}
         for code in range(1 << fmt.bits):
             kind, val, neg = decode_code(code, fmt)
+            if fmt.kind == "int" and not fmt.min_code <= val <= fmt.max_code:
+                continue  # -2^(b-1) is outside a symmetric integer format
             if kind == "nan":
                 nan_codes.append(code)
             elif kind == "inf":
@@ -326,11 +328,13 @@ def _restore(flat: np.ndarray, moved_shape, axis: int, shape):
 
 
 def _round_element(v: Fraction, values: list[Fraction], vmax: Fraction, mode, u):
-    """round_mode(v) on ``values`` saturated at +-vmax."""
-    if v > vmax:
-        return vmax
-    if v < -vmax:
-        return -vmax
+    """round_mode(v) on ``values``, saturated at the largest and the smallest value
+    (+-vmax, or -2^(b-1) for full-range integers)."""
+    assert values[-1] == vmax
+    if v > values[-1]:
+        return values[-1]
+    if v < values[0]:
+        return values[0]
     return round_to_values(v, values, mode, u)
 
 
