@@ -641,6 +641,117 @@ def _sequential(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, an
 
 
 @njit(cache=True, nogil=True)
+def _step_saturate(a, brow, acc, ex, pmax, cnt, lo, hi):
+    """One index k for every n: acc <- clamp(acc + a*b), float64 (a simple loop LLVM vectorizes)."""
+    for n in range(brow.shape[0]):
+        p = a * brow[n]
+        e = ex[n] + p
+        ex[n] = e
+        ae = abs(e)
+        pmax[n] = ae if ae > pmax[n] else pmax[n]
+        v = acc[n] + p
+        c = min(max(v, lo), hi)
+        cnt[n] += min(abs(v - c), 1.0)
+        acc[n] = c
+
+
+@njit(cache=True, nogil=True)
+def _step_wrap(a, brow, acc, ex, pmax, cnt, lo, hi):
+    """acc <- two's complement wrap of acc + a*b to [lo, hi]: v - 2^P floor((v - lo) / 2^P)."""
+    span = hi - lo + 1.0
+    inv = 1.0 / span
+    for n in range(brow.shape[0]):
+        p = a * brow[n]
+        e = ex[n] + p
+        ex[n] = e
+        ae = abs(e)
+        pmax[n] = ae if ae > pmax[n] else pmax[n]
+        v = acc[n] + p
+        c = v - span * np.floor((v - lo) * inv)
+        cnt[n] += min(abs(v - c), 1.0)
+        acc[n] = c
+
+
+@njit(cache=True, nogil=True)
+def _step_exact(a, brow, acc, ex, pmax, cnt, lo, hi):
+    """acc <- acc + a*b; count nonzero-product additions whose result leaves [lo, hi]."""
+    for n in range(brow.shape[0]):
+        p = a * brow[n]
+        e = ex[n] + p
+        ex[n] = e
+        ae = abs(e)
+        pmax[n] = ae if ae > pmax[n] else pmax[n]
+        out_of_range = min(max(e - hi, 0.0) + max(lo - e, 0.0), 1.0)
+        cnt[n] += out_of_range * min(abs(p), 1.0)
+        acc[n] = e
+
+
+@njit(parallel=True, cache=True)
+def _sequential_f64(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m,
+                rtz, promote_blocks, out, stat_max, stat_cnt):
+    """``_sequential`` in float64 arithmetic (integers below 2^53 are exact), which LLVM
+    vectorizes across n: counts as min(|v - c|, 1), wrap as v - 2^P floor((v - lo) / 2^P)."""
+    M = A.shape[0]
+    N = Bt.shape[1]
+    nsub = (K + L - 1) // L
+    for mrow in prange(M):
+        acc = np.zeros(N, np.float64)
+        ex = np.zeros(N, np.float64)
+        pmax = np.zeros(N, np.float64)
+        cnt = np.zeros(N, np.float64)
+        partial = np.zeros(N, np.float64)
+        reg = np.zeros(N, np.float64)
+        for j in range(nsub):
+            k0 = j * L
+            k1 = min(K, k0 + L)
+            acc[:] = 0
+            ex[:] = 0
+            for k in range(k0, k1):
+                a = A[mrow, k]
+                if a == 0:
+                    continue
+                brow = Bt[k]
+                if mode == 2:
+                    _step_saturate(a, brow, acc, ex, pmax, cnt, lo, hi)
+                elif mode == 1:
+                    _step_wrap(a, brow, acc, ex, pmax, cnt, lo, hi)
+                else:
+                    _step_exact(a, brow, acc, ex, pmax, cnt, lo, hi)
+            fa = FA[mrow, j] * q
+            sa = any_special and spa[mrow, j]
+            promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
+            for n in range(N):
+                s = acc[n]
+                s_hi = s
+                s_lo = 0.0
+                c = fa * FB[n, j]
+                sp = False
+                spv = 0.0
+                if any_special and (sa or spb[n, j]):
+                    sp = True
+                    spv = _special_sum(VA[mrow], VB[n], k0, k1)
+                p, g = _fold_one(s_hi, s_lo, c, pow2, sp, spv, m, rtz, promote_now,
+                                 partial[n], reg[n])
+                partial[n] = p
+                reg[n] = g
+        best = 0.0
+        total = 0.0
+        for n in range(N):
+            if pmax[n] > best:
+                best = pmax[n]
+            total += cnt[n]
+        stat_max[mrow] = best
+        stat_cnt[mrow] = total
+        for n in range(N):
+            if promote_blocks > 0:
+                if nsub % promote_blocks != 0:
+                    reg[n] = _add(reg[n], partial[n], 23, False)
+                out[mrow, n] = np.float32(reg[n])
+            else:
+                out[mrow, n] = np.float32(partial[n])
+
+
+@njit(cache=True, nogil=True)
 def _finish(partial, reg, promote_blocks, nsub, out, row0):
     mt, N = partial.shape
     for r in prange(mt):
@@ -733,10 +844,25 @@ def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DE
             mode = _EXACT  # nothing below 2^62 can overflow
         stat_max = np.zeros(M, dtype=np.int64)
         stat_cnt = np.zeros(M, dtype=np.int64)
-        Bt = np.ascontiguousarray(B.ints.T)
-        _sequential(np.ascontiguousarray(A.ints), Bt, L, K, mode, lo, hi, FA, FB, q, pow2,
-                    spa, spb, VA, VB, any_special, m_bits, rtz, promote_blocks, result,
-                    stat_max, stat_cnt)
+        if worst < 1 << 52 and (acc.bits is None or acc.bits <= 52):
+            # float64 holds every value exactly (|values| < 2^53): the vectorizing kernel
+            sm = np.zeros(M, dtype=np.float64)
+            sc = np.zeros(M, dtype=np.float64)
+            if acc.bits is None or acc.bits >= 52:
+                lo_f, hi_f = -2.0 ** 52, 2.0 ** 52 - 1
+            else:
+                lo_f, hi_f = float(acc.lo), float(acc.hi)
+            _sequential_f64(np.ascontiguousarray(A.ints, dtype=np.float64),
+                            np.ascontiguousarray(B.ints.T, dtype=np.float64), L, K, mode, lo_f,
+                            hi_f, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m_bits, rtz,
+                            promote_blocks, result, sm, sc)
+            stat_max[:] = sm
+            stat_cnt[:] = sc
+        else:
+            Bt = np.ascontiguousarray(B.ints.T)
+            _sequential(np.ascontiguousarray(A.ints), Bt, L, K, mode, lo, hi, FA, FB, q, pow2,
+                        spa, spb, VA, VB, any_special, m_bits, rtz, promote_blocks, result,
+                        stat_max, stat_cnt)
         mx = int(stat_max.max())
         return GemmResult(result, mx, int(stat_cnt.sum()), bits_for(mx), path="sequential",
                           prefix_stats=True, **common)

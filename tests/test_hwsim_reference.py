@@ -167,7 +167,8 @@ def test_round_fraction_matches_float32_everywhere_it_is_defined():
     x = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-45, 39, 2000),
                         [1e-45, 1.5e-45, 2 ** -149 * 1.5, 3.4028235e38, 3.4028236e38, 3.5e38]])
     for v in x:
-        want = np.float32(v)  # numpy rounds float64 -> float32 to nearest even
+        with np.errstate(over="ignore"):
+            want = np.float32(v)  # numpy rounds float64 -> float32 to nearest even
         got = round_fraction(Fraction(float(v)), 23, False)
         assert np.float32(got).view(np.uint32) == want.view(np.uint32) or (
             np.isinf(want) and np.isinf(got)), v
