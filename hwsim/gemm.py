@@ -94,7 +94,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -105,7 +104,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 import numfmt
-from numfmt.formats import BlockFormat, FloatFormat, IntFormat
+from numfmt.formats import BlockFormat, IntFormat
 from numfmt.qtensor import QTensor
 
 __all__ = ["Accumulator", "FloatAcc", "GemmResult", "matmul", "OVERFLOWS", "ACC_ROUNDINGS",
