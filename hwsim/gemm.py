@@ -85,9 +85,16 @@ reference):
   worst case ``L * max|A| * max|B| <= 2^24`` (every partial sum of integers
   below 2^24 is exact in float32 in any order), else float64 when <= 2^53,
   then a Numba pass for the rounding; wider sums (E5M2 x E5M2: 70 bits) go
-  through Python integers (slow).
-* otherwise: a Numba loop in index order with int64 (in-block sums up to 62
-  bits; wider is a ValueError for wrap/saturate).
+  through Python integers (slow). Row tiles run on ``numba.get_num_threads()``
+  worker threads, each calling single-threaded BLAS (K = L calls are too short
+  for OpenBLAS's own threading).
+* otherwise: a Numba loop in index order, in float64 when every value stays
+  below 2^52 (exact), else int64 (in-block sums up to 62 bits; wider is a
+  ValueError for wrap/saturate).
+
+The inter-block rounding works on the float64 bit pattern of the exact value,
+held as a double-double ``hi + lo`` (TwoSum / TwoProduct, error-free); below
+2^-126 (the FP32-subnormal range) a slower frexp-based routine takes over.
 """
 from __future__ import annotations
 
