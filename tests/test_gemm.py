@@ -214,17 +214,22 @@ def test_promote_every_must_be_a_block_multiple_and_bad_inputs_are_named():
         hwsim.matmul(np.ones((2, 64)), b)
     with pytest.raises(ValueError, match="K"):
         hwsim.matmul(a, numfmt.quantize(np.ones((3, 96), np.float32), "mxint8", axis=1))
+    mx = numfmt.get("mxint8")
+    col = numfmt.QTensor(np.zeros((64, 2), np.uint8), np.full((2, 2), 127, np.uint8), mx, 0,
+                         (64, 2))
     with pytest.raises(ValueError, match="axis"):
-        hwsim.matmul(numfmt.quantize(np.ones((64, 2), np.float32), "mxint8", axis=0), b)
-    odd = numfmt.quantize(np.ones((3, 96), np.float32), numfmt.get("mxint8", block_size=48),
-                          axis=1)
-    a96 = numfmt.quantize(np.ones((2, 96), np.float32), "mxint8", axis=1)
+        hwsim.matmul(col, b)
+    odd = numfmt.QTensor(np.zeros((3, 96), np.uint8), np.full((3, 2), 127, np.uint8),
+                         numfmt.get("mxint8", block_size=48), 1, (3, 96))
+    a96 = numfmt.QTensor(np.zeros((2, 96), np.uint8), np.full((2, 3), 127, np.uint8), mx, 1,
+                         (2, 96))
     with pytest.raises(ValueError, match="do not line up"):
         hwsim.matmul(a96, odd)
     with pytest.raises(ValueError, match="out="):
         hwsim.matmul(a, b, out="fp16")
     with pytest.raises(ValueError, match="nvfp4"):
-        hwsim.matmul(numfmt.quantize(np.ones((2, 64), np.float32), "nvfp4", axis=1), b)
+        hwsim.matmul(numfmt.QTensor(np.zeros((2, 64), np.uint8), np.zeros((2, 4), np.uint8),
+                                    numfmt.get("nvfp4"), 1, (2, 64), np.float32(1.0)), b)
     with pytest.raises(TypeError, match="Accumulator"):
         hwsim.matmul(a, b, acc="wrap")
 
