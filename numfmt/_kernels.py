@@ -100,6 +100,17 @@ def round_mode(t, mode, seed, index):
 
 
 @nb.njit(inline="always", **_JIT)
+def nonzero_scaled(t, v):
+    """t = v * 2^-k (or v / s) as computed in float64, except that a nonzero v whose
+    scaled value underflowed to zero gives +-2^-1074: every mode then rounds it as it
+    rounds the exact value (|t| < 2^-1074 << 1/2; directed modes see its sign; stochastic
+    rounding goes up only for a hash of 0, as it would for the exact fraction)."""
+    if t == 0.0 and v != 0.0:
+        return math.copysign(5e-324, v)
+    return t
+
+
+@nb.njit(inline="always", **_JIT)
 def float_exponent(bits, shift, emask, fbias, v):
     """floor(log2|v|) for a finite nonzero v, from its bits (slow path for subnormals)."""
     ef = np.int64((bits >> shift) & emask)
@@ -125,7 +136,7 @@ def round_float_elem(v, e_v, X, m, emin, maxmag, mode, seed, index):
     if ey < emin:
         ey = emin
     qe = ey - m
-    t = v * pow2(-(X + qe))
+    t = nonzero_scaled(v * pow2(-(X + qe)), v)
     n = round_mode(t, mode, seed, index)
     if abs(n) * pow2(qe) > maxmag:
         return n, qe, True
@@ -172,7 +183,7 @@ def _mx_element(v, bits, X, is_int, ese, m, emin, maxmag, lo, hi, shift, emask, 
     if compat == COMPAT_MX:
         return _mx_element_microxcaling(v, X, is_int, ese, m, emin, maxmag, lo, hi, mode)
     if is_int:
-        t = v * pow2(-(X + ese))
+        t = nonzero_scaled(v * pow2(-(X + ese)), v)
         n = round_mode(t, mode, seed, index)
         if n > hi:
             return np.float64(hi), ese, True
@@ -246,6 +257,10 @@ def _mx_generic_block(x, xb, start, stop, X, codes, fake, want_codes, shift, ema
             else:
                 if sat:
                     cm = max_code_mag
+                elif compat == COMPAT_MX:
+                    # microxcaling's private exponent can be one too high (log2f rounds
+                    # up), leaving n below 2^m: encode the value, not (qe, n)
+                    cm = float_code(abs(n) * pow2(qe), m, emin, 1 - emin, 0, max_code_mag)
                 else:
                     cm = ((qe - qemin) << m) + np.int64(abs(n))
                 if math.copysign(1.0, n) < 0:
@@ -716,14 +731,14 @@ def _absmax_body(x, rows, L, bs, codes, scales, fake, want_codes, is_int, ebits_
             if s == 0.0:
                 val = 0.0 if is_int else v * 0.0
             elif is_int:
-                n = round_mode(v / s, mode, seed, i)
+                n = round_mode(nonzero_scaled(v / s, v), mode, seed, i)
                 if n > hi:
                     n = np.float64(hi)
                 elif n < lo:
                     n = np.float64(lo)
                 val = n + 0.0  # integers have no -0
             else:
-                val = round_to_float(v / s, m, emin, elem_max, True, mode, seed, i)
+                val = round_to_float(nonzero_scaled(v / s, v), m, emin, elem_max, True, mode, seed, i)
             if want_codes:
                 if is_int:
                     codes[i] = np.int64(val) & code_mask

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     nel = x.size
     R = args.repeat
     res = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                       "numba": numba.__version__, "numpy": np.__version__},
+                       "numba": numba.__version__, "numpy": np.__version__,
+                       "loadavg_1min_at_start": os.getloadavg()[0]},
            "size": [n, n], "dtype": "float32", "threads": args.threads, "repeat": R,
            "numba_cache": "cold (empty temporary cache)" if args.cold else "default (warm if run before)",
            "compile_s": {}, "formats": {}, "references": {}}
@@ -231,7 +232,8 @@ def _print(res, args):
     t = args.threads[0]
     n = res["size"][0]
     print(f"numfmt benchmark: {n}x{n} float32 (seed 0), {t} Numba thread(s), best of "
-          f"{res['repeat']}; {m['cpu']}, {m['cores']} logical cores; numba {m['numba']}")
+          f"{res['repeat']}; {m['cpu']}, {m['cores']} logical cores; numba {m['numba']}; "
+          f"1-min load average at start {m['loadavg_1min_at_start']:.1f}")
     print(f"\nfirst call (compile or cache load; Numba cache: {res['numba_cache']})")
     for k, v in res["compile_s"].items():
         print(f"  {k:48s} {v:8.2f} s")
