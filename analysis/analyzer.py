@@ -53,7 +53,7 @@ from torch import nn
 import numfmt
 from hwsim.cost import CONFIG_GRAMMAR, Config, layer_cost, parse_config
 from analysis.io import atomic_write_json
-from analysis.layers import QuantLinear, restore_linears, swap_linears
+from analysis.layers import QuantLinear, restore_linears, sum_squares, swap_linears
 
 __all__ = [
     "DEFAULT_CONFIGS", "METHODS", "parse_configs", "method_for", "quantize_weight",
@@ -63,6 +63,10 @@ __all__ = [
 DEFAULT_CONFIGS = ("W4A4", "W4A4+FP16r32", "W4A4+W8A8", "W4A4+W6A6", "W4A4+W4A8")
 METHODS = ("rtn", "svdquant", "loraq", "lqer", "loftq", "naive")
 DEFAULT_TOKENS = 128  # cost per 128-token sequence (MiniLM's input length)
+# SVDQuant's smoothing lambda_j = max|X_j|^alpha / max|W_j|^beta: SmoothQuant's
+# migration strength alpha = 0.5, beta = 1 - alpha, one point instead of the
+# baseline's 5 x 5 grid (25 SVDs a layer) to keep the main job in its budget.
+SVDQUANT_GRID = ((0.5,), (0.5,))
 
 
 # --------------------------------------------------------------------------- configs
@@ -99,11 +103,13 @@ def _fmt_name(f) -> str:
 
 
 def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None, seed: int = 0,
-                    steps: int | None = None, activations: np.ndarray | None = None):
+                    steps: int | None = None, activations: np.ndarray | None = None,
+                    svdquant_grid=SVDQUANT_GRID):
     """Quantize one weight (out x in) for ``config`` with ``method`` (default ``method_for``).
 
     ``activations`` (tokens x in, float32) are passed to SVDQuant for its
-    smoothing; LoRaQ is data-free. FP16 branches use rank ``config.rank`` (32
+    smoothing, searched over ``svdquant_grid`` = (alphas, betas) (None: the
+    baseline's own grid); LoRaQ is data-free. FP16 branches use rank ``config.rank`` (32
     if none); quantized branches ``config.rank`` or the equal-memory rank
     against an FP16 rank-32 branch. Returns the ``analysis.loraq`` result.
     """
@@ -118,7 +124,9 @@ def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None,
         return loraq.rtn(W, main=main)
     branch = "fp16" if config.fp16_branch else _fmt_name(config.branch_weight)
     if method == "svdquant":
-        return loraq.svdquant(W, main=main, rank=config.rank or 32, activations=activations)
+        kw = {} if svdquant_grid is None else {"alpha_grid": svdquant_grid[0],
+                                               "beta_grid": svdquant_grid[1]}
+        return loraq.svdquant(W, main=main, rank=config.rank or 32, activations=activations, **kw)
     if method == "loraq":
         kw = {} if steps is None else {"steps": steps}
         return loraq.optimize(W, main=main, branch=branch, rank=config.rank, seed=seed, **kw)
@@ -218,8 +226,8 @@ def sqnr_db(ref: torch.Tensor | np.ndarray, test: torch.Tensor | np.ndarray) -> 
     """10 log10(sum ref^2 / sum (ref - test)^2) in dB (float64 sums); inf when equal."""
     r = torch.as_tensor(ref).to(torch.float32)
     t = torch.as_tensor(test).to(torch.float32)
-    sig = float(torch.sum(r * r, dtype=torch.float64))
-    noise = float(torch.sum((r - t) ** 2, dtype=torch.float64))
+    sig = sum_squares(r)
+    noise = sum_squares(r - t)
     if noise == 0.0:
         return math.inf
     if sig == 0.0:

@@ -53,6 +53,12 @@ __all__ = ["QuantLinear", "LayerStats", "observed_bits", "l1_bound_bits", "block
 MODES = ("fast", "exact")
 
 
+def sum_squares(t: torch.Tensor) -> float:
+    """sum of t^2: float32 sums along the last axis, added up in float64."""
+    t = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+    return float(torch.linalg.vector_norm(t, dim=-1).double().square().sum())
+
+
 def width_of(max_abs: float) -> int:
     """Signed accumulator bits that hold integers up to ``max_abs``: ceil(log2(max_abs + 1)) + 1."""
     return int(math.ceil(math.log2(float(max_abs) + 1.0))) + 1
@@ -298,8 +304,8 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _note_act(self, x2: torch.Tensor, xq: torch.Tensor, branch: bool) -> None:
-        err = float(torch.sum((x2 - xq) ** 2, dtype=torch.float64))
-        nrm = float(torch.sum(x2 * x2, dtype=torch.float64))
+        err = sum_squares(x2 - xq)
+        nrm = sum_squares(x2)
         if branch:
             self.stats.branch_act_err2 += err
             self.stats.branch_act_norm2 += nrm

@@ -266,6 +266,7 @@ def run(args) -> int:
         "model_fingerprint": model_info["fingerprint"], "configs": cfg_names, "seed": args.seed,
         "main": args.main, "branch": args.branch, "steps": args.steps,
         "max_sentences": args.max_sentences, "tokens": args.tokens, "mode": args.mode,
+        "svdquant_grid": [list(g) for g in analyzer.SVDQUANT_GRID],
         "sentences": None if sentences is None else hashlib.sha256(
             json.dumps(sentences).encode()).hexdigest(),
     }
