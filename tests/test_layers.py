@@ -214,3 +214,17 @@ def test_swap_and_restore():
     assert not torch.equal(yq, y0) and torch.allclose(yq, y0, atol=0.05)
     restore_linears(model, originals)
     assert torch.equal(model(x), y0)
+
+
+@pytest.mark.parametrize("fa,fb,k", [("mxint4", "mxint4", 64), ("mxint8", "mxint4", 80),
+                                     ("mxfp4", "mxfp4", 64)])
+def test_widths_agree_with_hwsim(fa, fb, k):
+    """The fast bmm widths here equal hwsim.accumulator's (matmul-based) ones."""
+    acc = pytest.importorskip("hwsim.accumulator")
+    if not hasattr(acc, "l1_bound_bits"):
+        pytest.skip("hwsim.accumulator has no l1_bound_bits")
+    rng = _rng(10)
+    a = numfmt.quantize(rng.standard_normal((6, k)).astype(np.float32), fa, axis=1)
+    w = numfmt.quantize(rng.standard_normal((5, k)).astype(np.float32), fb, axis=1)
+    assert observed_bits(a, w) == acc.observed_bits(a, w)
+    assert l1_bound_bits(w, fa) == acc.l1_bound_bits(w, fa)
