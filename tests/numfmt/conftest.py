@@ -22,7 +22,7 @@ def _load(name: str, filename: str):
     return mod
 
 
-_load("numfmt_reference", "reference.py")
+_ref = _load("numfmt_reference", "reference.py")
 _load("numfmt_microxcaling_port", "microxcaling_port.py")
 
 
@@ -43,3 +43,11 @@ def one_numba_thread():
     numba.set_num_threads(1)
     yield
     numba.set_num_threads(before)
+
+
+# The shared hypothesis settings of these tests (derandomized, no deadline, no example
+# database) as a named profile, for `pytest --hypothesis-profile=numfmt-ci` elsewhere.
+# Not loaded globally: the numfmt tests apply it per test via @settings(ref.CI, ...).
+from hypothesis import settings as _settings  # noqa: E402
+
+_settings.register_profile("numfmt-ci", _ref.CI)
