@@ -44,6 +44,9 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne",
                   compat: str = "ocp", seed: int | None = None) -> torch.Tensor:
     """Fake-quantize a CPU tensor; differentiable with the straight-through estimator."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}; "
+                        f"use numfmt.fake_quantize for NumPy arrays")
     if x.requires_grad:
         return _FakeQuantizeSTE.apply(x, fmt, axis, rounding, compat, seed)
     y = core.fake_quantize(_to_numpy(x), fmt, axis=axis, rounding=rounding, compat=compat,
