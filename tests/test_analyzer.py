@@ -194,3 +194,17 @@ def test_minilm_real_model():
     assert last["propagated_sqnr_db"] < last["local_sqnr_db"]
     # equal-memory rank of an MXINT8 branch against FP16 rank 32 on 384 x 384
     assert cb["layers"][0]["rank"] == 62
+
+
+def test_exact_mode_matches_fast_mode():
+    """Through hwsim.matmul the analyzer measures the same errors and accumulator widths."""
+    model = Toy()
+    cal, ev = _batches(1, 1), _batches(1, 2)
+    kw = dict(steps=5)
+    a = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, mode="exact", **kw)["configs"]["W4A4+W8A8r8"]
+    b = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, mode="fast", **kw)["configs"]["W4A4+W8A8r8"]
+    for la, lb in zip(a["layers"], b["layers"]):
+        assert abs(la["local_sqnr_db"] - lb["local_sqnr_db"]) < 1e-3
+        assert abs(la["propagated_sqnr_db"] - lb["propagated_sqnr_db"]) < 1e-3
+        for k in ("acc_bits_observed", "branch_acc_bits_observed"):
+            assert la[k] == lb[k]
