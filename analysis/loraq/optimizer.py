@@ -32,14 +32,16 @@ Lo = L Omega, Ro = Omega^T R)::
     dg/dL = (dg/dA) Omega^T,  dg/dR = Omega (dg/dB),  dg/dOmega = L^T dg/dA + R (dg/dB)^T
 
 computed by hand (three GEMMs of out x in x r per step: A B, E B^T, A^T E);
-torch autograd only differentiates the r x r map Omega = cayley(K - K^T),
-cayley(A) = (I - A)^(-1) (I + A), K a free r x r parameter (the Cayley
-transform of a skew-symmetric matrix is orthogonal, and I - A is always
-invertible; K = 0 gives Omega = I). The Cayley map was chosen over
-matrix_exp because its backward pass is an r x r solve: matrix_exp's backward
-cost 7 ms of a 10 ms step on a 384 x 384 layer. ``rotation="identity"`` fixes Omega = I,
-``rotation="hadamard"`` fixes Omega to a normalized Hadamard matrix (see
-``hadamard``).
+torch autograd only differentiates the r x r map Omega = H cayley(K),
+cayley(K) = (I - A)^(-1) (I + A) with A = K - K^T, K a free r x r parameter
+(the Cayley transform of a skew-symmetric matrix is orthogonal, and I - A is
+always invertible; K = 0 gives Omega = H), H = ``hadamard(r)``. K's step is
+``omega_lr`` (0.02) times the factors': on MiniLM a learned rotation moved at
+the factors' rate ended *worse* than a fixed one, and starting from Hadamard
+rather than I was slightly better (docs/loraq.md). The Cayley map was chosen
+over matrix_exp because its backward pass is an r x r solve: matrix_exp's
+backward cost 7 ms of a 10 ms step on a 384 x 384 layer.
+``rotation="identity"`` fixes Omega = I, ``rotation="hadamard"`` fixes Omega = H.
 
 Data-aware variant (``activations`` X, n x in): the error is weighted by the
 inputs' second moments H = X^T X / n, f_X = tr(E H E^T) = ||X E^T||_F^2 / n, so
@@ -54,13 +56,16 @@ the final QTensors are computed from the unscaled factors (L c, R) and W.
 Initialization: L = U_r S_r^(1/2), R = S_r^(1/2) V_r^T from the top-r SVD of W
 (``init="svd"``) or of the main format's error W - Q1(W) (``init="lqer"``); the
 SVD of W was better on every MiniLM layer tried (docs/loraq.md), so it is the
-default. Stopping: after ``steps`` steps, or earlier when the best objective has
-not improved by a relative ``tol`` for ``patience`` steps. Adam with lr decayed
-by ``lr_decay`` whenever half the patience passes without a new best.
+default. Stopping: after ``steps`` steps (150, cosine learning-rate schedule),
+or earlier when the best objective has not improved by a relative ``tol`` for
+``patience`` steps. ``converged`` is True when the run stopped early or its
+last ``patience`` steps improved the best by less than ``tol``. The error keeps
+decreasing slowly with more steps on real weights (docs/loraq.md).
 
-Determinism: no random numbers are drawn (SVD init, zero K), and the results
-are bit-identical for a given input on 1 or 2 threads only if torch's float32
-GEMMs are; ``threads`` (default 1) pins the thread count inside the call.
+Determinism: no random numbers are drawn (SVD init, K = 0; ``seed`` seeds
+torch for future variants), so a run is bit-identical to the next; ``threads``
+(default 1) pins the thread count inside the call, and the tests check that
+threads=2 gives the same bits on the test matrix.
 """
 from __future__ import annotations
 
@@ -176,10 +181,15 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
     branch      Q2, the branch format; "fp16" keeps it unquantized (stored as fp16).
     rank        r; None: ``hwsim.cost.equal_memory_rank(W.shape, ref_rank,
                 ref_bits, branch)`` (capped at min(out, in) - 1).
-    rotation    "learned" (Omega = matrix_exp(K - K^T), K trained), "identity",
-                "hadamard" (fixed).
-    steps       maximum Adam steps (default 400); ``patience`` / ``tol`` stop earlier.
+    rotation    "learned" (Omega = H cayley(K), K trained from 0 with step
+                ``omega_lr`` * lr, H = ``hadamard(r)``), "identity", "hadamard" (fixed).
+    steps       maximum Adam steps (default 150); ``patience`` / ``tol`` stop earlier.
     lr          Adam step, units of a unit-RMS weight (default ``default_lr``).
+    schedule    "cosine" (lr * (1 + cos(pi t / steps)) / 2), "plateau" (lr *= lr_decay
+                after patience/2 steps without a new best), "constant".
+    init        "svd" (top-r SVD of W) or "lqer" (SVD of W - Q1(W)).
+    weighting   with activations: "full" second-moment matrix or its "diag".
+    threads     torch / Numba threads inside the call (default 1; None = as set).
     seed        seeds torch (nothing random is drawn now; kept for variants).
     activations n x in sample of the layer's inputs for the data-aware loss.
     Returns a LoRaQResult whose ``history`` is the relative error
