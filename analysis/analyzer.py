@@ -42,8 +42,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ from torch import nn
 
 import numfmt
 from hwsim.cost import CONFIG_GRAMMAR, Config, layer_cost, parse_config
-from analysis.io import atomic_write_json
+from numfmt.fileio import write_json_atomic
 from analysis.layers import QuantLinear, restore_linears, sum_squares, swap_linears
 
 __all__ = [
@@ -203,7 +202,7 @@ class LayerCache:
         stem = self.stem(config, layer)
         stem.parent.mkdir(parents=True, exist_ok=True)
         loraq.save_result(result, stem)
-        atomic_write_json(self._marker(stem), {"key": self.key, "config": config, "layer": layer})
+        write_json_atomic(self._marker(stem), {"key": self.key, "config": config, "layer": layer})
 
     def load_json(self, config: str, name: str):
         p = self.dir / _slug(config) / (name + ".json")
@@ -216,7 +215,7 @@ class LayerCache:
         return d.get("value") if d.get("key") == self.key else None
 
     def save_json(self, config: str, name: str, value) -> None:
-        atomic_write_json(self.dir / _slug(config) / (name + ".json"), {"key": self.key, "value": value})
+        write_json_atomic(self.dir / _slug(config) / (name + ".json"), {"key": self.key, "value": value})
 
 
 # --------------------------------------------------------------------------- metrics

@@ -33,7 +33,7 @@ import json
 import math
 from pathlib import Path
 
-from analysis.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from numfmt.fileio import write_atomic, write_json_atomic
 
 __all__ = ["build_results", "headline", "write_report", "render_markdown", "render_html",
            "layers_csv", "plots", "CSV_FIELDS"]
@@ -408,13 +408,13 @@ def write_report(results: dict, out_dir, run_info: dict | None = None) -> dict[s
     paths = {}
     images = plots(results)
     for name, data in images.items():
-        paths[name] = atomic_write_bytes(out_dir / "plots" / name, data)
-    paths["csv"] = atomic_write_text(out_dir / "layers.csv", layers_csv(results))
-    paths["md"] = atomic_write_text(out_dir / "report.md", render_markdown(results, images, run_info))
-    paths["html"] = atomic_write_text(out_dir / "report.html", render_html(results, images, run_info))
+        paths[name] = write_atomic(out_dir / "plots" / name, data)
+    paths["csv"] = write_atomic(out_dir / "layers.csv", layers_csv(results))
+    paths["md"] = write_atomic(out_dir / "report.md", render_markdown(results, images, run_info))
+    paths["html"] = write_atomic(out_dir / "report.html", render_html(results, images, run_info))
     if run_info is not None:
-        paths["run"] = atomic_write_json(out_dir / "run.json", run_info)
+        paths["run"] = write_json_atomic(out_dir / "run.json", run_info)
     # results.json last: its presence means the report is complete.
-    paths["json"] = atomic_write_text(out_dir / "results.json",
+    paths["json"] = write_atomic(out_dir / "results.json",
                                       json.dumps(results, indent=1, allow_nan=False) + "\n")
     return paths

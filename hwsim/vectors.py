@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 import numfmt
+from numfmt.fileio import write_atomic
 from numfmt.formats import BlockFormat, IntFormat
 from numfmt.qtensor import QTensor
 
@@ -228,18 +227,6 @@ def _case_record(case: dict, acc: Accumulator, inter_block: FloatAcc) -> dict:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_vectors(out_dir, a_format, b_format, m: int, n: int, k: int, *, seed: int = 0,
                   acc: Accumulator = Accumulator(), inter_block: FloatAcc = FloatAcc(),
                   cases=CASE_NAMES) -> dict:
@@ -297,9 +284,9 @@ def write_vectors(out_dir, a_format, b_format, m: int, n: int, k: int, *, seed: 
         "cases.txt": [r["name"] for r in records],
     }
     for name, lines in files.items():
-        _write_atomic(out / name, "".join(line + "\n" for line in lines))
-    _write_atomic(out / "cases.json", json.dumps(meta, indent=1) + "\n")
-    _write_atomic(out / "README.txt", _readme(meta, fa, fb, A, B))
+        write_atomic(out / name, "".join(line + "\n" for line in lines))
+    write_atomic(out / "cases.json", json.dumps(meta, indent=1) + "\n")
+    write_atomic(out / "README.txt", _readme(meta, fa, fb, A, B))
     return meta
 
 

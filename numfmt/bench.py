@@ -24,12 +24,13 @@ line alike, so compare ratios within one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
+
+from numfmt.fileio import write_json_atomic
 
 FORMATS = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8", "mxint6",
            "mxint4", "sint8", "sint4", "nvfp4", "int8_channel")
@@ -88,20 +89,6 @@ def _cpu_name():
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _atomic_write_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
@@ -222,7 +209,7 @@ def main(argv=None) -> int:
 
     _print(res, args)
     if args.json:
-        _atomic_write_json(args.json, res)
+        write_json_atomic(args.json, res)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -9,6 +9,8 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from numfmt import fileio
+
 from analysis.cli import main as cli_main
 from analysis.commands import cost as cost_cmd
 from hwsim import cost
@@ -475,7 +477,7 @@ def test_write_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cost_cmd.os, "replace", boom)
+    monkeypatch.setattr(fileio.os, "replace", boom)
     with pytest.raises(OSError):
         cost_cmd.write_atomic(p, "new")
     assert p.read_text() == "old"

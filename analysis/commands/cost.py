@@ -16,9 +16,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
-from pathlib import Path
+
+from numfmt import fileio
 
 from hwsim.cost import (CONFIG_GRAMMAR, DEFAULT_CONFIGS, calibration, load_cost_model,
                         model_cost, parse_config)
@@ -75,24 +74,8 @@ def register(subparsers) -> None:
 
 
 def write_atomic(path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {str(folder)!r} for {str(path)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``data`` atomically; the folder must exist (a missing one is a user error)."""
+    fileio.write_atomic(path, data, make_parents=False)
 
 
 def _cost_model(args):

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 import numfmt
-from analysis.io import atomic_write_text
+from numfmt.fileio import write_atomic
 
 
 def format_rows(size: int = 4096, seed: int = 0) -> list[dict]:
@@ -75,7 +75,7 @@ def run(args) -> int:
           f"(seed {args.seed}), quantized along the last axis:")
     print(render(rows))
     if args.json:
-        atomic_write_text(args.json, json.dumps(rows, indent=2, allow_nan=True) + "\n")
+        write_atomic(args.json, json.dumps(rows, indent=2, allow_nan=True) + "\n")
     return 0
 
 

@@ -172,7 +172,7 @@ def prepare_out_dir(out: Path, settings: dict, force: bool) -> str:
     settings, or a non-empty directory without settings.json, are refused with
     FileExistsError unless ``force`` (then cache/ and the report files go).
     """
-    from analysis.io import atomic_write_json
+    from numfmt.fileio import write_json_atomic
 
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {str(out)!r} exists and is not a directory")
@@ -215,7 +215,7 @@ def prepare_out_dir(out: Path, settings: dict, force: bool) -> str:
         raise PermissionError(f"output directory {str(out)!r} cannot be written: "
                               f"{exc.strerror or exc}") from None
     if status != "resume":
-        atomic_write_json(sfile, settings)
+        write_json_atomic(sfile, settings)
     return status
 
 

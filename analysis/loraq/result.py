@@ -28,14 +28,13 @@ exists is complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import numfmt
+from numfmt.fileio import atomic_path, write_atomic
 from numfmt.qtensor import QTensor
 
 __all__ = ["LoRaQResult", "METHODS", "save_result", "load_result", "reconstruct",
@@ -126,28 +125,6 @@ def rel_error(W: np.ndarray, w_hat: np.ndarray) -> float:
 
 
 # --- files ------------------------------------------------------------------
-def write_atomic(path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(p) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
-
-
 def _format_name(fmt) -> str:
     name = fmt.name
     if numfmt.get(name) != fmt:
@@ -199,14 +176,8 @@ def save_result(result: LoRaQResult, path_stem) -> tuple[Path, Path]:
         arrays["smooth"] = np.ascontiguousarray(result.smooth, dtype=np.float32)
     st_path = stem.with_name(stem.name + ".safetensors")
     js_path = stem.with_name(stem.name + ".json")
-    fd, tmp = tempfile.mkstemp(prefix=f".{st_path.name}.", suffix=".tmp", dir=stem.parent)
-    os.close(fd)
-    try:
-        save_file(arrays, tmp)
-        os.replace(tmp, st_path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    with atomic_path(st_path, make_parents=False) as tmp:
+        save_file(arrays, str(tmp))
     doc = {"version": FILE_VERSION, "metrics": result.metrics(), "quantized": qmeta,
            "history": [float(h) for h in result.history], "config": result.config}
     write_atomic(js_path, json.dumps(doc, indent=1) + "\n")
