@@ -1,5 +1,5 @@
 """compat="microxcaling" against an independent torch port of microxcaling's
-``_quantize_mx`` (tests/numfmt/microxcaling_port.py), bit for bit.
+``_quantize_mx`` (tests/numfmt_suite/microxcaling_port.py), bit for bit.
 
 Sign of zero for MX integer formats: numfmt's integer element codes are two's
 complement and have no -0, so where microxcaling returns -0.0 (a negative value

@@ -1,5 +1,5 @@
 """Element formats: every code against ml_dtypes, RNE casts against ml_dtypes, every
-rounding mode against the slow reference (tests/numfmt/reference.py)."""
+rounding mode against the slow reference (tests/numfmt_suite/reference.py)."""
 import math
 from fractions import Fraction
 
