@@ -3,7 +3,7 @@
 CI runs a representative subset (one layer of each of the six kinds, taken
 from six different blocks) with 60 optimizer steps; the full 36-layer table at
 the default settings is produced by ``python -m analysis.loraq.study`` and
-quoted in docs/loraq.md.
+quoted in the README, section LoRaQ.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_loraq_beats_svdquant_on_every_layer_at_equal_memory(layers, main, branc
             assert r.left.bits + r.right.bits == branch_storage_bits(W.shape, r.rank, b)
             assert r.rank > 32
             ratio = r.rel_error / sq.rel_error
-            # the prototype's 30-50 % cut; measured here 0.40-0.75 (docs/loraq.md)
+            # the prototype's 30-50 % cut; measured here 0.40-0.75 (the README, section LoRaQ)
             assert ratio < 0.85, (name, main, b, ratio)
 
 

@@ -31,7 +31,7 @@ __all__ = ["register", "run", "DEFAULT_OUT", "resolve_model", "prepare_out_dir"]
 DEFAULT_OUT = "out/report"
 # LoRaQ steps per layer in the report. The optimizer's own default (400) costs
 # about 10x the time for a further ~25% lower weight error; 30 keeps the main
-# job within its time budget and already beats the FP16 branch (docs/report.md).
+# job within its time budget and already beats the FP16 branch (the README, section "The main job").
 DEFAULT_STEPS = 30
 SETTINGS_VERSION = 1
 

@@ -5,7 +5,7 @@
 ``optimize`` (the LoRaQ optimizer), the baselines ``rtn``, ``svdquant``,
 ``lqer``, ``loftq``, ``naive`` (same result type), ``optimize_model`` over a
 dict of weights with resumable per-layer files, ``save_result`` /
-``load_result``. See docs/loraq.md.
+``load_result``. See the README, section LoRaQ.
 """
 from analysis.loraq.baselines import loftq, lqer, naive, rtn, svdquant
 from analysis.loraq.optimizer import hadamard, optimize

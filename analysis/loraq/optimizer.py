@@ -38,7 +38,7 @@ cayley(K) = (I - A)^(-1) (I + A) with A = K - K^T, K a free r x r parameter
 always invertible; K = 0 gives Omega = H), H = ``hadamard(r)``. K's step is
 ``omega_lr`` (0.02) times the factors': on MiniLM a learned rotation moved at
 the factors' rate ended *worse* than a fixed one, and starting from Hadamard
-rather than I was slightly better (docs/loraq.md). The Cayley map was chosen
+rather than I was slightly better (the README, section LoRaQ). The Cayley map was chosen
 over matrix_exp because its backward pass is an r x r solve: matrix_exp's
 backward cost 7 ms of a 10 ms step on a 384 x 384 layer.
 ``rotation="identity"`` fixes Omega = I, ``rotation="hadamard"`` fixes Omega = H.
@@ -55,12 +55,12 @@ the final QTensors are computed from the unscaled factors (L c, R) and W.
 
 Initialization: L = U_r S_r^(1/2), R = S_r^(1/2) V_r^T from the top-r SVD of W
 (``init="svd"``) or of the main format's error W - Q1(W) (``init="lqer"``); the
-SVD of W was better on every MiniLM layer tried (docs/loraq.md), so it is the
+SVD of W was better on every MiniLM layer tried (the README, section LoRaQ), so it is the
 default. Stopping: after ``steps`` steps (150, cosine learning-rate schedule),
 or earlier when the best objective has not improved by a relative ``tol`` for
 ``patience`` steps. ``converged`` is True when the run stopped early or its
 last ``patience`` steps improved the best by less than ``tol``. The error keeps
-decreasing slowly with more steps on real weights (docs/loraq.md).
+decreasing slowly with more steps on real weights (the README, section LoRaQ).
 
 Determinism: no random numbers are drawn (SVD init, K = 0; ``seed`` seeds
 torch for future variants), so a run is bit-identical to the next; ``threads``
