@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from numfmt.bench import cpu_name
+
 
 def _set_threads(n: int) -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
          {"inter_block": FloatAcc(13, "rtz")}, args.slow_size),
     ]
     print(f"hwsim.matmul throughput; {args.threads} threads (Numba, BLAS, torch); "
-          f"cpu: {_cpu_name()}")
+          f"cpu: {cpu_name()}")
     print(f"{'configuration':<38} {'size':>6} {'compile s':>9} {'hwsim GMAC/s':>12} "
           f"{'fp32 BLAS GMAC/s':>16} {'ratio':>7}  path")
     for label, fa, fb, kw, s in configs:
@@ -159,17 +161,6 @@ def main(argv=None) -> int:
                   f"{r['bits']:>4} {r['overflow']:>9} {r['overflow_count']:>16} "
                   f"{r['rel_error']:>11.3e}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def _best(fn, repeat):
     return best
 
 
-def _cpu_name():
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (benchmark headers)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     nel = x.size
     R = args.repeat
-    res = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+    res = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                        "numba": numba.__version__, "numpy": np.__version__,
                        "loadavg_1min_at_start": os.getloadavg()[0]},
            "size": [n, n], "dtype": "float32", "threads": args.threads, "repeat": R,
