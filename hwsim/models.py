@@ -99,24 +99,27 @@ def as_layer(x) -> Layer:
                      f"keys, got {x!r}")
 
 
-def _pixart(t: int) -> list[Layer]:
-    txt, h, n = 300, 1152, 28
+def _attention(h: int, t: int, txt: int, n: int) -> list[Layer]:
+    """Self-attention q, k, v, out over t image tokens, then cross-attention whose k and v
+    project txt text tokens, all h -> h, in each of n blocks."""
     return [
         Layer("attn1.to_q", h, h, t, n), Layer("attn1.to_k", h, h, t, n),
         Layer("attn1.to_v", h, h, t, n), Layer("attn1.to_out", h, h, t, n),
         Layer("attn2.to_q", h, h, t, n), Layer("attn2.to_k", h, h, txt, n),
         Layer("attn2.to_v", h, h, txt, n), Layer("attn2.to_out", h, h, t, n),
+    ]
+
+
+def _pixart(t: int) -> list[Layer]:
+    txt, h, n = 300, 1152, 28
+    return _attention(h, t, txt, n) + [
         Layer("ff.fc1", h, 4 * h, t, n), Layer("ff.fc2", 4 * h, h, t, n),
     ]
 
 
 def _sana(t: int) -> list[Layer]:
     txt, h, n = 300, 2240, 20
-    return [
-        Layer("attn1.to_q", h, h, t, n), Layer("attn1.to_k", h, h, t, n),
-        Layer("attn1.to_v", h, h, t, n), Layer("attn1.to_out", h, h, t, n),
-        Layer("attn2.to_q", h, h, t, n), Layer("attn2.to_k", h, h, txt, n),
-        Layer("attn2.to_v", h, h, txt, n), Layer("attn2.to_out", h, h, t, n),
+    return _attention(h, t, txt, n) + [
         Layer("ff.conv_inverted", h, 5 * h, t, n),
         Layer("ff.conv_depth", 5 * h, 5 * h, t, n, "depthwise", 9),
         Layer("ff.conv_point", 5 * h // 2, h, t, n),

@@ -64,35 +64,38 @@ def _lowrank_then_residual(W, L, R, main, branch):
     return quantize_main(W, left, right, main), left, right
 
 
+def _checked(W, main, branch, rank, ref_rank, ref_bits):
+    """Validate the common arguments; returns (W float64, main, branch, rank)."""
+    W = as_weight(W)
+    main, branch = check_format(main, "main"), check_format(branch, "branch")
+    return W, main, branch, resolve_rank(rank, W.shape, branch, ref_rank, ref_bits)
+
+
+def _svd_baseline(method, W, main, branch, rank, ref_rank, ref_bits, *, of_error):
+    """Top-r SVD of W (naive) or of Q1's error W - Q1(W) (lqer), factors in Q2,
+    residual W - Q2(L) Q2(R) in Q1; no optimization."""
+    t0 = time.perf_counter()
+    W, main, branch, r = _checked(W, main, branch, rank, ref_rank, ref_bits)
+    target = W - numfmt.fake_quantize(W, main, axis=1).astype(np.float64) if of_error else W
+    L, R = split_factors(*top_svd(target, r))
+    q, left, right = _lowrank_then_residual(W, L, R, main, branch)
+    return build_result(W, q, left, right, method=method, main_format=main, branch_format=branch,
+                        t0=t0, config={"method": method, "main": main, "branch": branch,
+                                       "rank": r})
+
+
 @with_threads
 def naive(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_rank: int = 32,
           ref_bits: int = 16) -> LoRaQResult:
     """SVD_r(W) factors quantized with Q2, residual with Q1; no optimization."""
-    t0 = time.perf_counter()
-    W = as_weight(W)
-    main, branch = check_format(main, "main"), check_format(branch, "branch")
-    r = resolve_rank(rank, W.shape, branch, ref_rank, ref_bits)
-    L, R = split_factors(*top_svd(W, r))
-    q, left, right = _lowrank_then_residual(W, L, R, main, branch)
-    return build_result(W, q, left, right, method="naive", main_format=main, branch_format=branch,
-                        t0=t0, config={"method": "naive", "main": main, "branch": branch,
-                                       "rank": r})
+    return _svd_baseline("naive", W, main, branch, rank, ref_rank, ref_bits, of_error=False)
 
 
 @with_threads
 def lqer(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_rank: int = 32,
          ref_bits: int = 16) -> LoRaQResult:
     """SVD_r of the main format's error W - Q1(W), factors in Q2, residual re-quantized."""
-    t0 = time.perf_counter()
-    W = as_weight(W)
-    main, branch = check_format(main, "main"), check_format(branch, "branch")
-    r = resolve_rank(rank, W.shape, branch, ref_rank, ref_bits)
-    E = W - numfmt.fake_quantize(W, main, axis=1).astype(np.float64)
-    L, R = split_factors(*top_svd(E, r))
-    q, left, right = _lowrank_then_residual(W, L, R, main, branch)
-    return build_result(W, q, left, right, method="lqer", main_format=main, branch_format=branch,
-                        t0=t0, config={"method": "lqer", "main": main, "branch": branch,
-                                       "rank": r})
+    return _svd_baseline("lqer", W, main, branch, rank, ref_rank, ref_bits, of_error=True)
 
 
 def _alternate(W, q, main, branch, r, iters, history):
@@ -119,9 +122,7 @@ def loftq(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, iters: 
           ref_rank: int = 32, ref_bits: int = 16) -> LoRaQResult:
     """Alternating Q1 and SVD (LoftQ), ``iters`` alternations, best iterate kept."""
     t0 = time.perf_counter()
-    W = as_weight(W)
-    main, branch = check_format(main, "main"), check_format(branch, "branch")
-    r = resolve_rank(rank, W.shape, branch, ref_rank, ref_bits)
+    W, main, branch, r = _checked(W, main, branch, rank, ref_rank, ref_bits)
     iters = check_int(iters, "iters", 1)
     history: list[float] = []
     _, q, left, right = _alternate(W, None, main, branch, r, iters, history)
