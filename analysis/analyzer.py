@@ -543,14 +543,10 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
             with torch.inference_mode():
                 yq = q(fp_in[n])
             q.collect_stats = False
-            rec = {"name": n, "shape": list(weights[n].shape),
-                   "method": (methods or {}).get(cfg.name) or method_for(cfg),
-                   "rank": q.rank, "weight_error": weight_error(weights[n], results[n]),
-                   "act_error": q.stats.act_error, "branch_act_error": q.stats.branch_act_error,
-                   "local_sqnr_db": sqnr_db(fp_out[n], yq)}
-            rec.update(_gemm_bits(q.acc_bits_worst(), q.acc_bits_l1(), q.stats.acc_bits_observed))
-            rec.update(_cost_fields(n, weights[n].shape, cfg, q.rank, tokens))
-            layers.append(rec)
+            layers.append(_layer_record(
+                n, weights[n], results[n], q, cfg, methods, tokens,
+                {"act_error": q.stats.act_error, "branch_act_error": q.stats.branch_act_error,
+                 "local_sqnr_db": sqnr_db(fp_out[n], yq)}, q.stats.acc_bits_observed))
         originals = swap_linears(model, lambda n, m: qmods[n])
         try:
             _, q_out, q_final = _run(model, evaluation, names, inputs=False)
@@ -558,18 +554,33 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
             restore_linears(model, originals)
         for rec in layers:
             rec["propagated_sqnr_db"] = sqnr_db(fp_out[rec["name"]], q_out[rec["name"]])
-        main_bits = sum(l["main_weight_bits"] for l in layers)
-        entry = {"config": cfg.name, "method": layers[0]["method"],
-                 "formats": _formats(cfg),
-                 "end_metrics": end_metrics(fp_final.numpy(), q_final.numpy()),
-                 "output_sqnr_db": sqnr_db(fp_final, q_final), "layers": layers}
-        entry.update(_summary(layers, main_bits))
-        entry = _clean(entry)
-        if cache is not None:
-            cache.save_json(cfg.name, "measured", entry)
-        out["configs"][cfg.name] = entry
-        prog.step(1, f"{cfg.name} measured")
+        _store_entry(cfg, layers, end_metrics(fp_final.numpy(), q_final.numpy()),
+                     sqnr_db(fp_final, q_final), cache, out, prog)
     return out
+
+
+def _layer_record(n, W, result, q, cfg, methods, tokens, measured: dict, observed) -> dict:
+    """One layer's row: identity, weight error, the ``measured`` activation fields,
+    accumulator widths (worst case, l1 bound, ``observed``) and cost."""
+    rec = {"name": n, "shape": list(W.shape),
+           "method": (methods or {}).get(cfg.name) or method_for(cfg), "rank": q.rank,
+           "weight_error": weight_error(W, result)}
+    rec.update(measured)
+    rec.update(_gemm_bits(q.acc_bits_worst(), q.acc_bits_l1(), observed))
+    rec.update(_cost_fields(n, W.shape, cfg, q.rank, tokens))
+    return rec
+
+
+def _store_entry(cfg, layers, end, output_sqnr, cache, out, prog) -> None:
+    """Summarize one configuration's layers, cache it atomically and add it to ``out``."""
+    entry = {"config": cfg.name, "method": layers[0]["method"], "formats": _formats(cfg),
+             "end_metrics": end, "output_sqnr_db": output_sqnr, "layers": layers}
+    entry.update(_summary(layers, sum(l["main_weight_bits"] for l in layers)))
+    entry = _clean(entry)
+    if cache is not None:
+        cache.save_json(cfg.name, "measured", entry)
+    out["configs"][cfg.name] = entry
+    prog.step(1, f"{cfg.name} measured")
 
 
 def _formats(cfg: Config) -> dict:
@@ -607,22 +618,13 @@ def analyze_weights(weights: Mapping[str, np.ndarray], configs=DEFAULT_CONFIGS, 
         layers = []
         for n, W in mats.items():
             q = QuantLinear.from_result(results[n], cfg, name=n)
-            rec = {"name": n, "shape": list(W.shape),
-                   "method": (methods or {}).get(cfg.name) or method_for(cfg), "rank": q.rank,
-                   "weight_error": weight_error(W, results[n]), "act_error": None,
-                   "branch_act_error": None, "local_sqnr_db": None, "propagated_sqnr_db": None}
-            rec.update(_gemm_bits(q.acc_bits_worst(), q.acc_bits_l1(), {}))
-            rec.update(_cost_fields(n, W.shape, cfg, q.rank, tokens))
-            layers.append(rec)
-        entry = {"config": cfg.name, "method": layers[0]["method"], "formats": _formats(cfg),
-                 "end_metrics": {"mean_cosine": None, "min_cosine": None, "top1_agreement": None},
-                 "output_sqnr_db": None, "layers": layers}
-        entry.update(_summary(layers, sum(l["main_weight_bits"] for l in layers)))
-        entry = _clean(entry)
-        if cache is not None:
-            cache.save_json(cfg.name, "measured", entry)
-        out["configs"][cfg.name] = entry
-        prog.step(1, f"{cfg.name} measured")
+            layers.append(_layer_record(
+                n, W, results[n], q, cfg, methods, tokens,
+                {"act_error": None, "branch_act_error": None, "local_sqnr_db": None,
+                 "propagated_sqnr_db": None}, {}))
+        _store_entry(cfg, layers,
+                     {"mean_cosine": None, "min_cosine": None, "top1_agreement": None}, None,
+                     cache, out, prog)
     return out
 
 
