@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
-from numfmt.bench import cpu_name
+from numfmt.bench import best_time, cpu_name
 
 
 def _set_threads(n: int) -> None:
@@ -89,15 +88,6 @@ def overflow_figures(m: int = 64, n: int = 64, k: int = 1024, seed: int = 0) -> 
     return rows
 
 
-def _time(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hwsim.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=2048, help="M = N = K of the fast paths")
@@ -136,11 +126,11 @@ def main(argv=None) -> int:
         b = numfmt.quantize(w, fb, axis=1)
         tiny_a = numfmt.quantize(x[:4, :64], fa, axis=1)
         tiny_b = numfmt.quantize(w[:4, :64], fb, axis=1)
-        compile_s = _time(lambda: matmul(tiny_a, tiny_b, **kw))
+        compile_s = best_time(lambda: matmul(tiny_a, tiny_b, **kw))
         res = {}
-        t_hw = _time(lambda: res.setdefault("r", matmul(a, b, **kw)))
+        t_hw = best_time(lambda: res.setdefault("r", matmul(a, b, **kw)))
         xd, wd = numfmt.dequantize(a), numfmt.dequantize(b)
-        t_blas = _time(lambda: xd @ wd.T, repeat=3)
+        t_blas = best_time(lambda: xd @ wd.T, repeat=3)
         macs = float(s) ** 3
         print(f"{label:<38} {s:>6} {compile_s:>9.2f} {macs / t_hw / 1e9:>12.2f} "
               f"{macs / t_blas / 1e9:>16.2f} {t_blas / t_hw:>7.3f}  {res['r'].path}")

@@ -71,7 +71,8 @@ def _parse(argv):
     return args
 
 
-def _best(fn, repeat):
+def best_time(fn, repeat: int = 1) -> float:
+    """Best wall time (s) of ``repeat`` calls of ``fn``."""
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -156,21 +157,21 @@ def main(argv=None) -> int:
         numfmt.dequantize(out)
         res["compile_s"][f"{fam_fmt} dequantize"] = time.perf_counter() - t0
 
-    copy_s = _best(lambda: parallel_copy(flat, dst), R)
-    copy_alloc_s = _best(lambda: parallel_copy(flat, np.empty_like(flat)), R)
+    copy_s = best_time(lambda: parallel_copy(flat, dst), R)
+    copy_alloc_s = best_time(lambda: parallel_copy(flat, np.empty_like(flat)), R)
     res["copy_melem_s"] = mel(copy_s)
     res["copy_alloc_melem_s"] = mel(copy_alloc_s)
 
     # -- numfmt ---------------------------------------------------------------------
     for f in args.formats:
         row = {}
-        row["fake_quantize"] = mel(_best(lambda: numfmt.fake_quantize(x, f), R))
+        row["fake_quantize"] = mel(best_time(lambda: numfmt.fake_quantize(x, f), R))
         q = numfmt.quantize(x, f)
-        row["quantize"] = mel(_best(lambda: numfmt.quantize(x, f), R))
-        row["dequantize"] = mel(_best(lambda: numfmt.dequantize(q), R))
+        row["quantize"] = mel(best_time(lambda: numfmt.quantize(x, f), R))
+        row["dequantize"] = mel(best_time(lambda: numfmt.dequantize(q), R))
         for t in args.threads[1:]:
             numba.set_num_threads(t)
-            row[f"fake_quantize_{t}t"] = mel(_best(lambda: numfmt.fake_quantize(x, f), R))
+            row[f"fake_quantize_{t}t"] = mel(best_time(lambda: numfmt.fake_quantize(x, f), R))
             numba.set_num_threads(threads)
         row["fake_x_copy"] = row["fake_quantize"] / res["copy_melem_s"]
         res["formats"][f] = row
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         dt = getattr(ml_dtypes, dt_name, None)
         if dt is None:
             continue
-        s = _best(lambda: x.astype(dt).astype(np.float32), R)
+        s = best_time(lambda: x.astype(dt).astype(np.float32), R)
         res["references"][f"ml_dtypes {dt_name} round trip"] = mel(s)
     try:
         import torch
@@ -197,9 +198,9 @@ def main(argv=None) -> int:
                     scale, data = to_mx(xt, elem, 32)
                     return to_dtype(data, scale, elem, 32, torch.float32)
                 rt()
-                s = _best(rt, R)
+                s = best_time(rt, R)
                 res["references"][f"torchao MX {label} round trip"] = mel(s)
-                s = _best(lambda elem=elem: to_mx(xt, elem, 32), R)
+                s = best_time(lambda elem=elem: to_mx(xt, elem, 32), R)
                 res["references"][f"torchao MX {label} to_mx"] = mel(s)
             except Exception as e:  # a torchao API change: report, do not fail the benchmark
                 res["references"][f"torchao MX {label}"] = f"failed: {type(e).__name__}: {e}"
