@@ -7,16 +7,17 @@ the same process:
 * the first call of every kernel family (compile, or load from Numba's on-disk cache;
   ``--cold`` points the cache at an empty temporary folder so every kernel compiles),
   reported apart from the run times;
-* Melem/s of ``fake_quantize``, ``quantize`` (codes + scales) and ``dequantize`` for
-  each block format, best of ``--repeat`` runs, with the first thread count of
-  ``--threads`` (default 2; a second count, e.g. ``--threads 2,1``, adds a column
-  for ``fake_quantize``);
+* Melem/s of ``fake_quantize`` (a fresh result, and into a preallocated ``out=``),
+  ``quantize`` (codes + scales) and ``dequantize`` for each block format, best of
+  ``--repeat`` runs, with the first thread count of ``--threads`` (default 2; a second
+  count, e.g. ``--threads 2,1``, adds a column for ``fake_quantize``);
 * the bandwidth ceiling: a Numba parallel copy of the same buffer into a preallocated
-  float32 buffer (and, for reference, into a freshly allocated one, which is what
-  ``fake_quantize`` has to return);
+  float32 buffer, and into a freshly allocated one (the page faults a function that
+  returns a new array pays); each ``fake_quantize`` figure is compared with the copy
+  that writes its output the same way;
 * ml_dtypes' element casts (float32 -> narrow float -> float32) and, when importable,
   torchao's MX cast round trip (``to_mx`` then ``to_dtype``);
-* ratios: x copy ceiling, x ml_dtypes, x torchao.
+* ratios: x copy ceiling (like for like), x ml_dtypes, x torchao.
 
 Throughput = elements / best wall time. Other processes on the machine slow every
 line alike, so compare ratios within one run.
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
 
     copy_s = best_time(lambda: parallel_copy(flat, dst), R)
     copy_alloc_s = best_time(lambda: parallel_copy(flat, np.empty_like(flat)), R)
+    dst2 = np.empty_like(x)
     res["copy_melem_s"] = mel(copy_s)
     res["copy_alloc_melem_s"] = mel(copy_alloc_s)
 
@@ -166,6 +168,7 @@ def main(argv=None) -> int:
     for f in args.formats:
         row = {}
         row["fake_quantize"] = mel(best_time(lambda: numfmt.fake_quantize(x, f), R))
+        row["fake_quantize_out"] = mel(best_time(lambda: numfmt.fake_quantize(x, f, out=dst2), R))
         q = numfmt.quantize(x, f)
         row["quantize"] = mel(best_time(lambda: numfmt.quantize(x, f), R))
         row["dequantize"] = mel(best_time(lambda: numfmt.dequantize(q), R))
@@ -173,7 +176,8 @@ def main(argv=None) -> int:
             numba.set_num_threads(t)
             row[f"fake_quantize_{t}t"] = mel(best_time(lambda: numfmt.fake_quantize(x, f), R))
             numba.set_num_threads(threads)
-        row["fake_x_copy"] = row["fake_quantize"] / res["copy_melem_s"]
+        row["fake_x_copy"] = row["fake_quantize"] / res["copy_alloc_melem_s"]
+        row["fake_out_x_copy"] = row["fake_quantize_out"] / res["copy_melem_s"]
         res["formats"][f] = row
 
     # -- references -----------------------------------------------------------------
@@ -228,15 +232,17 @@ def _print(res, args):
         print(f"  {k:48s} {v:8.2f} s")
     copy = res["copy_melem_s"]
     print(f"\nbandwidth ceiling: Numba parallel copy {copy:8.0f} Melem/s "
-          f"({copy * 8 / 1e3:.1f} GB/s read+write); into a fresh allocation "
-          f"{res['copy_alloc_melem_s']:.0f} Melem/s")
+          f"({copy * 8 / 1e3:.1f} GB/s read+write) into a preallocated buffer; into a "
+          f"fresh allocation {res['copy_alloc_melem_s']:.0f} Melem/s")
     extra = [f"fake {tt}T" for tt in args.threads[1:]]
-    head = f"\n{'format':14s} {'fake_quantize':>14s} {'x copy':>7s} " + \
-        "".join(f"{e:>11s}" for e in extra) + f" {'quantize':>10s} {'dequantize':>11s}   (Melem/s)"
+    head = (f"\n{'format':14s} {'fake_quantize':>14s} {'x fresh copy':>13s} {'fake out=':>10s} "
+            f"{'x copy':>7s}" + "".join(f"{e:>11s}" for e in extra)
+            + f" {'quantize':>10s} {'dequantize':>11s}   (Melem/s)")
     print(head)
     for f, row in res["formats"].items():
         cols = "".join(f"{row[f'fake_quantize_{tt}t']:11.0f}" for tt in args.threads[1:])
-        print(f"{f:14s} {row['fake_quantize']:14.0f} {row['fake_x_copy']:7.2f} {cols} "
+        print(f"{f:14s} {row['fake_quantize']:14.0f} {row['fake_x_copy']:13.2f} "
+              f"{row['fake_quantize_out']:10.0f} {row['fake_out_x_copy']:7.2f}{cols} "
               f"{row['quantize']:10.0f} {row['dequantize']:11.0f}")
     print("\nreferences (Melem/s)")
     refs = res["references"]
@@ -259,7 +265,9 @@ def _print(res, args):
                   f"{fmts[f]['fake_quantize'] / r:6.1f}x")
     for f in ("mxint8", "mxint4"):
         if f in fmts:
-            print(f"  {f} fake_quantize / copy ceiling: {fmts[f]['fake_x_copy']:.2f}")
+            print(f"  {f} fake_quantize / copy into a fresh allocation: "
+                  f"{fmts[f]['fake_x_copy']:.2f}; fake_quantize(out=) / preallocated copy: "
+                  f"{fmts[f]['fake_out_x_copy']:.2f}")
 
 
 if __name__ == "__main__":

@@ -163,12 +163,30 @@ def quantize(x, fmt, *, axis: int = -1, rounding: str = "rne", compat: str = "oc
 
 
 def fake_quantize(x, fmt, *, axis: int = -1, rounding: str = "rne", compat: str = "ocp",
-                  seed: int | None = None) -> np.ndarray:
-    """Exactly ``dequantize(quantize(x, ...))`` as float32, without materialising codes."""
-    return _run(x, fmt, axis, rounding, compat, seed, want_codes=False)
+                  seed: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Exactly ``dequantize(quantize(x, ...))`` as float32, without materialising codes.
+
+    ``out``: an optional writeable C-contiguous float32 array of x's shape to write the
+    result into (and return), as NumPy's ``out=``; it may be ``x`` itself. In a loop
+    this saves the page faults of a fresh output array (about a third of the time on
+    large tensors)."""
+    if out is not None:
+        _check_out(out, np.shape(x))
+    return _run(x, fmt, axis, rounding, compat, seed, want_codes=False, out=out)
 
 
-def _run(x, fmt, axis, rounding, compat, seed, *, want_codes):
+def _check_out(out, shape) -> None:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy float32 array, got {type(out).__name__}")
+    if out.dtype != np.float32:
+        raise TypeError(f"out must have dtype float32, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out has shape {out.shape}; it must have x's shape {tuple(shape)}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be a writeable C-contiguous array")
+
+
+def _run(x, fmt, axis, rounding, compat, seed, *, want_codes, out=None):
     fmt = get(fmt)
     mode = _check_rounding(rounding, seed)
     seed = 0 if seed is None else int(seed)
@@ -182,7 +200,7 @@ def _run(x, fmt, axis, rounding, compat, seed, *, want_codes):
         codes = encode(x, fmt, rounding=rounding, seed=seed)
         if want_codes:
             return QTensor(codes, None, fmt, ax, x.shape)
-        return decode(codes, fmt)
+        return _into(decode(codes, fmt), out)
     if compat == "microxcaling":
         if fmt.scaling != "mx":
             raise ValueError(f"compat='microxcaling' applies to MX formats, not {fmt.name!r}")
@@ -199,7 +217,10 @@ def _run(x, fmt, axis, rounding, compat, seed, *, want_codes):
     elem = fmt.element
     is_int = isinstance(elem, IntFormat)
     codes = np.empty(flat.size if want_codes else 0, dtype=_code_dtype(elem.bits))
-    fake = np.empty(0 if want_codes else flat.size, dtype=np.float32)
+    # the kernels write straight into ``out`` when the quantized axis is already last
+    direct = out is not None and (ax == x.ndim - 1 or x.ndim == 0)
+    fake = (out.reshape(-1) if direct else
+            np.empty(0 if want_codes else flat.size, dtype=np.float32))
     tensor_scale = None
     if fmt.scaling == "mx":
         scales = np.empty(rows * nblk if want_codes else 0, dtype=np.uint8)
@@ -245,14 +266,23 @@ def _run(x, fmt, axis, rounding, compat, seed, *, want_codes):
             K.nvfp4_quantize(flat, rows, L, bs, float(tensor_scale), codes, scales, fake,
                              want_codes, mode, seed)
     if not want_codes:
-        out = fake.reshape(moved_shape)
-        out = np.moveaxis(out, -1, ax) if x.ndim else out.reshape(())
-        return np.ascontiguousarray(out).reshape(shape)
+        if direct:
+            return out
+        y = fake.reshape(moved_shape)
+        y = np.moveaxis(y, -1, ax) if x.ndim else y.reshape(())
+        return _into(np.ascontiguousarray(y).reshape(shape), out)
     codes = np.moveaxis(codes.reshape(moved_shape), -1, ax)
     scale_shape = moved_shape[:-1] + (nblk,)
     scales = np.moveaxis(scales.reshape(scale_shape), -1, ax)
     return QTensor(np.ascontiguousarray(codes).reshape(shape), np.ascontiguousarray(scales), fmt,
                    ax, shape, tensor_scale=tensor_scale)
+
+
+def _into(y: np.ndarray, out):
+    if out is None:
+        return y
+    out[...] = y
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,46 @@ NAMES = ["mxint8", "mxint4", "mxfp8_e4m3", "mxfp4", "mxfp6_e2m3", "sint4", "nvfp
 
 
 # ---------------------------------------------------------------------------
+# fake_quantize(out=...)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fake_quantize_into_out(name, axis, dtype):
+    """out= gets the same bits as a fresh result, is returned, and may alias x."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((5, 70)) * np.exp2(rng.integers(-9, 9, (5, 70)))).astype(dtype)
+    x[1, :32] = 0.0
+    if numfmt.get(name).kind == "block":
+        x[2, 3] = np.nan  # (integer element formats refuse NaN)
+    ref = numfmt.fake_quantize(x, name, axis=axis)
+    out = np.full(x.shape, 7.0, np.float32)
+    got = numfmt.fake_quantize(x, name, axis=axis, out=out)
+    assert got is out
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+    if dtype == np.float32:
+        xi = x.copy()
+        numfmt.fake_quantize(xi, name, axis=axis, out=xi)
+        assert np.array_equal(xi.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("out,err,match", [
+    (np.empty((4, 64), np.float64), TypeError, "float32, got float64"),
+    (np.empty((4, 63), np.float32), ValueError, r"shape \(4, 63\).*\(4, 64\)"),
+    (np.empty((64, 4), np.float32).T, ValueError, "C-contiguous"),
+    ([0.0] * 256, TypeError, "got list"),
+])
+def test_fake_quantize_bad_out(out, err, match):
+    x = np.ones((4, 64), np.float32)
+    with pytest.raises(err, match=match):
+        numfmt.fake_quantize(x, "mxint8", out=out)
+    ro = np.empty((4, 64), np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        numfmt.fake_quantize(x, "mxint8", out=ro)
+
+
+# ---------------------------------------------------------------------------
 # torch
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
