@@ -85,12 +85,16 @@ reference):
   worst case ``L * max|A| * max|B| <= 2^24`` (every partial sum of integers
   below 2^24 is exact in float32 in any order), else float64 when <= 2^53,
   then a Numba pass for the rounding; wider sums (E5M2 x E5M2: 70 bits) go
-  through Python integers (slow). Row tiles run on ``numba.get_num_threads()``
-  worker threads, each calling single-threaded BLAS (K = L calls are too short
-  for OpenBLAS's own threading).
-* otherwise: a Numba loop in index order, in float64 when every value stays
-  below 2^52 (exact), else int64 (in-block sums up to 62 bits; wider is a
-  ValueError for wrap/saturate).
+  through Python integers (slow). The output is cut into tiles of
+  ``TILE_ROWS x TILE_COLS`` whose block sums and running sums stay in L2; each
+  tile runs its K / L block GEMMs (single-threaded BLAS: K = L calls are too
+  short for OpenBLAS's own threading) and folds each at once; tiles are spread
+  over ``numba.get_num_threads()`` worker threads. With FP32 round-to-nearest
+  inter-block sums and power-of-two scales whose terms are exact in FP32, the
+  fold is plain float32 addition of exact terms.
+* otherwise: a Numba loop in index order over ``SEQ_ROWS`` rows at a time, in
+  float32 when every value stays below 2^24, float64 below 2^52 (exact), else
+  int64 (in-block sums up to 62 bits; wider is a ValueError for wrap/saturate).
 
 The inter-block rounding works on the float64 bit pattern of the exact value,
 held as a double-double ``hi + lo`` (TwoSum / TwoProduct, error-free); below
@@ -100,6 +104,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -223,17 +228,47 @@ def bits_for(max_abs) -> int:
 # ---------------------------------------------------------------------------
 # operands
 # ---------------------------------------------------------------------------
-@dataclass(frozen=True)
 class _Operand:
-    ints: np.ndarray        # (rows, K) int64 element integers (0 at NaN/Inf codes)
-    special: np.ndarray     # (rows, K) bool: NaN / Inf element
-    values: np.ndarray      # (rows, K) float64 value in quantum units (NaN/Inf kept)
-    factors: np.ndarray     # (rows, nblocks) float64 block scale values (NaN allowed)
-    block: int | None       # block size along K (None: no scales / whole axis)
-    qexp: int               # element quantum exponent
-    max_int: int            # max |integer| over finite codes of the format
-    pow2: bool              # all factors are powers of two (or NaN)
-    elem: object
+    """A 2-D QTensor (rows x K, quantized along K) as integers, scale factors and quantum.
+
+    ``factors`` (rows, nblocks) float64 block scale values (NaN allowed); ``block`` the
+    block size along K (None: no scales / whole axis); ``qexp`` the element quantum
+    exponent; ``max_int`` the largest |integer| over the format's finite codes; ``pow2``
+    whether every factor is a power of two (or NaN). The per-element views are built on
+    first use: ``ints`` (rows, K) int64 element integers (0 at NaN/Inf codes),
+    ``special`` (rows, K) bool NaN/Inf element, ``values`` (rows, K) float64 value in
+    quantum units (NaN/Inf kept); ``blocked(dtype, nsub, L)`` the integers as a
+    (nsub, rows, L) stack of zero-padded blocks, straight from the codes."""
+
+    def __init__(self, codes, tables, factors, block, qexp, pow2, elem):
+        self.codes = codes
+        self.int_table, self.special_table, self.value_table, self.max_int = tables
+        self.factors = factors
+        self.block = block
+        self.qexp = qexp
+        self.pow2 = pow2
+        self.elem = elem
+
+    @functools.cached_property
+    def ints(self) -> np.ndarray:
+        return self.int_table[self.codes]
+
+    @functools.cached_property
+    def special(self) -> np.ndarray:
+        return self.special_table[self.codes]
+
+    @functools.cached_property
+    def values(self) -> np.ndarray:
+        return self.value_table[self.codes]
+
+    @functools.cached_property
+    def any_special(self) -> bool:
+        return bool(self.special_table.any() and self.special.any())
+
+    def blocked(self, dtype, nsub: int, L: int) -> np.ndarray:
+        out = np.empty((nsub, self.codes.shape[0], L), dtype=dtype)
+        _blocked_codes(self.codes, self.int_table.astype(dtype), L, out)
+        return out
 
 
 def _element_quantum_exp(fmt) -> int:
@@ -302,10 +337,21 @@ def operand_integers(q: QTensor, name: str = "operand") -> _Operand:
     if elem.bits > 16:
         raise ValueError(f"{name}: element format {elem.name!r} has {elem.bits} bits; "
                          f"hwsim.matmul takes element formats of at most 16 bits")
-    ints_t, spec_t, vals_t, max_int = _int_table(elem, elem_q)
-    codes = q.codes.astype(np.int64)
-    return _Operand(ints_t[codes], spec_t[codes], vals_t[codes], factors, block, qexp,
-                    max_int, pow2, elem)
+    return _Operand(np.ascontiguousarray(q.codes), _int_table(elem, elem_q), factors, block,
+                    qexp, pow2, elem)
+
+
+@njit(parallel=True, cache=True)
+def _blocked_codes(codes, table, L, out):
+    """out[j, r, i] = table[codes[r, j*L + i]], zero past K (one pass over the codes)."""
+    nsub, rows, _ = out.shape
+    K = codes.shape[1]
+    for r in prange(rows):
+        for j in range(nsub):
+            k0 = j * L
+            for i in range(L):
+                k = k0 + i
+                out[j, r, i] = table[codes[r, k]] if k < K else 0
 
 
 def sub_block_length(block_a: int | None, block_b: int | None, k: int) -> int:
@@ -503,50 +549,56 @@ def _fold_one(S_hi, S_lo, c, pow2, sp, spv, m, rtz, promote_now, partial, reg):
 # exact fast path: fold BLAS block sums
 # ---------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
-def _fold_block(T, row0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB, any_special, m, rtz,
-                promote_now, partial, reg, stat_max):
-    """partial/reg[r, n] (rows row0..row0+mt) absorb block j's sums T[r, n]."""
-    mt, N = T.shape
+def _fold_block(T, r0, n0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB, any_special, m, rtz,
+                promote_now, partial, reg, peak):
+    """partial/reg[r, n] (output rows r0 + r, columns n0 + n) absorb block j's sums
+    T[r, n]; peak[r, n] keeps the largest |T| seen."""
+    mt, nt = T.shape
     k0 = j * L
     k1 = min(K, k0 + L)
-    for r in prange(mt):
-        mrow = row0 + r
+    for r in range(mt):
+        mrow = r0 + r
         fa = FA[mrow, j] * q
         sa = any_special and spa[mrow, j]
-        best = stat_max[mrow]
-        for n in range(N):
-            s = T[r, n]
+        for i in range(nt):
+            n = n0 + i
+            s = T[r, i]
             c = fa * FBt[j, n]
             sp = False
             spv = 0.0
             if any_special and (sa or spb[n, j]):
                 sp = True
                 spv = _special_sum(VA[mrow], VB[n], k0, k1)
-            a = abs(np.float64(s))
-            if a > best:
-                best = a
+            a = abs(s)
+            peak[r, i] = a if a > peak[r, i] else peak[r, i]
             p, g = _fold_one(np.float64(s), 0.0, c, pow2, sp, spv, m, rtz, promote_now,
-                             partial[r, n], reg[r, n])
-            partial[r, n] = p
-            reg[r, n] = g
-        stat_max[mrow] = best
+                             partial[r, i], reg[r, i])
+            partial[r, i] = p
+            reg[r, i] = g
 
 
 @njit(cache=True, nogil=True)
-def _fold_block_fp32(T, row0, j, FA, FBt, q, acc32, stat_max):
-    """Special case m = 23, rne, power-of-two factors, no specials, terms exact in FP32:
-    acc32 += float32(S * c) is exactly round_fp32(acc + round_fp32(S * c))."""
-    mt, N = T.shape
-    for r in prange(mt):
-        mrow = row0 + r
-        fa = FA[mrow, j] * q
-        best = stat_max[mrow]
-        for n in range(N):
-            s = np.float64(T[r, n])
-            a = abs(s)
-            best = a if a > best else best
-            acc32[r, n] += np.float32(s * (fa * FBt[j, n]))
-        stat_max[mrow] = best
+def _fold_tile_fp32(T, fa, fb, acc32, peak):
+    """The m = 23, rne case with power-of-two factors, no specials and every term exact in
+    FP32 (``_fp32_fold_ok``): acc32 += T * (fa * fb) in float32 is exactly
+    round_fp32(acc + round_fp32(S * c)), each product of a power of two being exact."""
+    mt, nt = T.shape
+    # |S| as the float32 magnitude bits: unsigned integers order like the values, and an
+    # integer max vectorizes where a float one does not
+    Tb = T.view(np.uint32)
+    pb = peak.view(np.uint32)
+    absmask = np.uint32(0x7FFFFFFF)
+    for r in range(mt):
+        f = fa[r]
+        Tr = T[r]
+        Tbr = Tb[r]
+        ar = acc32[r]
+        pr = pb[r]
+        for i in range(nt):
+            ar[i] += Tr[i] * (f * fb[i])
+            a = Tbr[i] & absmask
+            p = pr[i]
+            pr[i] = a if a > p else p
 
 
 # ---------------------------------------------------------------------------
@@ -646,129 +698,161 @@ def _sequential(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, an
                 out[mrow, n] = np.float32(partial[n])
 
 
-@njit(cache=True, nogil=True)
-def _step_saturate(a, brow, acc, ex, pmax, cnt, lo, hi):
-    """One index k for every n: acc <- clamp(acc + a*b), float64 (a simple loop LLVM vectorizes)."""
+@njit(cache=True, nogil=True, inline="always")
+def _step_saturate(a, brow, acc, ex, pmax, cnt, lo, hi, one):
+    """One index k for every n: acc <- clamp(acc + a*b) (a simple loop LLVM vectorizes;
+    float32 or float64 lanes, every value an exact integer)."""
     for n in range(brow.shape[0]):
         p = a * brow[n]
         e = ex[n] + p
         ex[n] = e
         ae = abs(e)
-        pmax[n] = ae if ae > pmax[n] else pmax[n]
+        pm = pmax[n]
+        pmax[n] = ae if ae > pm else pm
         v = acc[n] + p
         c = min(max(v, lo), hi)
-        cnt[n] += min(abs(v - c), 1.0)
+        cnt[n] += min(abs(v - c), one)
         acc[n] = c
 
 
-@njit(cache=True, nogil=True)
-def _step_wrap(a, brow, acc, ex, pmax, cnt, lo, hi):
+@njit(cache=True, nogil=True, inline="always")
+def _step_wrap(a, brow, acc, ex, pmax, cnt, lo, hi, one):
     """acc <- two's complement wrap of acc + a*b to [lo, hi]: v - 2^P floor((v - lo) / 2^P)."""
-    span = hi - lo + 1.0
-    inv = 1.0 / span
+    span = hi - lo + one
+    inv = one / span
     for n in range(brow.shape[0]):
         p = a * brow[n]
         e = ex[n] + p
         ex[n] = e
         ae = abs(e)
-        pmax[n] = ae if ae > pmax[n] else pmax[n]
+        pm = pmax[n]
+        pmax[n] = ae if ae > pm else pm
         v = acc[n] + p
         c = v - span * np.floor((v - lo) * inv)
-        cnt[n] += min(abs(v - c), 1.0)
+        cnt[n] += min(abs(v - c), one)
         acc[n] = c
 
 
-@njit(cache=True, nogil=True)
-def _step_exact(a, brow, acc, ex, pmax, cnt, lo, hi):
+@njit(cache=True, nogil=True, inline="always")
+def _step_exact(a, brow, acc, ex, pmax, cnt, lo, hi, one):
     """acc <- acc + a*b; count nonzero-product additions whose result leaves [lo, hi]."""
+    zero = one - one
     for n in range(brow.shape[0]):
         p = a * brow[n]
         e = ex[n] + p
         ex[n] = e
         ae = abs(e)
-        pmax[n] = ae if ae > pmax[n] else pmax[n]
-        out_of_range = min(max(e - hi, 0.0) + max(lo - e, 0.0), 1.0)
-        cnt[n] += out_of_range * min(abs(p), 1.0)
+        pm = pmax[n]
+        pmax[n] = ae if ae > pm else pm
+        out_of_range = min(max(e - hi, zero) + max(lo - e, zero), one)
+        cnt[n] += out_of_range * min(abs(p), one)
         acc[n] = e
 
 
+SEQ_ROWS = 4  # rows of a per task of the index-order float kernel: one pass over b for all
+
+
 @njit(parallel=True, cache=True)
-def _sequential_f64(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m,
-                rtz, promote_blocks, out, stat_max, stat_cnt):
-    """``_sequential`` in float64 arithmetic (integers below 2^53 are exact), which LLVM
-    vectorizes across n: counts as min(|v - c|, 1), wrap as v - 2^P floor((v - lo) / 2^P)."""
+def _sequential_fp(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m,
+                   rtz, promote_blocks, fast32, FA32, FB32t, out, stat_max, stat_cnt):
+    """``_sequential`` in float arithmetic (float32 when every value stays below 2^24, else
+    float64 below 2^53: integers are exact), which LLVM vectorizes across n: counts as
+    min(|v - c|, 1), wrap as v - 2^P floor((v - lo) / 2^P). SEQ_ROWS rows of a share each
+    pass over b. A and Bt (and lo, hi) have the float dtype. ``fast32``: the fold is
+    float32 addition of exact terms (``_fp32_fold_ok``; FA32 = FA * q, FB32t = FB.T in
+    float32), vectorized like the BLAS path's."""
     M = A.shape[0]
     N = Bt.shape[1]
     nsub = (K + L - 1) // L
-    for mrow in prange(M):
-        acc = np.zeros(N, np.float64)
-        ex = np.zeros(N, np.float64)
-        pmax = np.zeros(N, np.float64)
-        cnt = np.zeros(N, np.float64)
-        partial = np.zeros(N, np.float64)
-        reg = np.zeros(N, np.float64)
+    R = SEQ_ROWS
+    one = lo - lo + 1
+    ntask = (M + R - 1) // R
+    for t in prange(ntask):
+        r0 = t * R
+        nr = min(R, M - r0)
+        acc = np.zeros((R, N), A.dtype)
+        ex = np.zeros((R, N), A.dtype)
+        pmax = np.zeros((R, N), A.dtype)
+        cnt = np.zeros((R, N), A.dtype)
+        partial = np.zeros((R, N), np.float64)
+        reg = np.zeros((R, N), np.float64)
+        acc32 = np.zeros((R, N), np.float32)
         for j in range(nsub):
             k0 = j * L
             k1 = min(K, k0 + L)
             acc[:] = 0
             ex[:] = 0
             for k in range(k0, k1):
-                a = A[mrow, k]
-                if a == 0:
-                    continue
                 brow = Bt[k]
-                if mode == 2:
-                    _step_saturate(a, brow, acc, ex, pmax, cnt, lo, hi)
-                elif mode == 1:
-                    _step_wrap(a, brow, acc, ex, pmax, cnt, lo, hi)
-                else:
-                    _step_exact(a, brow, acc, ex, pmax, cnt, lo, hi)
-            fa = FA[mrow, j] * q
-            sa = any_special and spa[mrow, j]
+                for rr in range(nr):
+                    a = A[r0 + rr, k]
+                    if a == 0:
+                        continue
+                    if mode == 2:
+                        _step_saturate(a, brow, acc[rr], ex[rr], pmax[rr], cnt[rr], lo, hi, one)
+                    elif mode == 1:
+                        _step_wrap(a, brow, acc[rr], ex[rr], pmax[rr], cnt[rr], lo, hi, one)
+                    else:
+                        _step_exact(a, brow, acc[rr], ex[rr], pmax[rr], cnt[rr], lo, hi, one)
+            if fast32:
+                fbj = FB32t[j]
+                for rr in range(nr):
+                    f = FA32[r0 + rr, j]
+                    ar = acc32[rr]
+                    sr = acc[rr]
+                    for n in range(N):
+                        ar[n] += np.float32(sr[n]) * (f * fbj[n])
+                continue
             promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
+            for rr in range(nr):
+                mrow = r0 + rr
+                fa = FA[mrow, j] * q
+                sa = any_special and spa[mrow, j]
+                for n in range(N):
+                    c = fa * FB[n, j]
+                    sp = False
+                    spv = 0.0
+                    if any_special and (sa or spb[n, j]):
+                        sp = True
+                        spv = _special_sum(VA[mrow], VB[n], k0, k1)
+                    p, g = _fold_one(np.float64(acc[rr, n]), 0.0, c, pow2, sp, spv, m, rtz,
+                                     promote_now, partial[rr, n], reg[rr, n])
+                    partial[rr, n] = p
+                    reg[rr, n] = g
+        for rr in range(nr):
+            mrow = r0 + rr
+            best = 0.0
+            total = 0.0
             for n in range(N):
-                s = acc[n]
-                s_hi = s
-                s_lo = 0.0
-                c = fa * FB[n, j]
-                sp = False
-                spv = 0.0
-                if any_special and (sa or spb[n, j]):
-                    sp = True
-                    spv = _special_sum(VA[mrow], VB[n], k0, k1)
-                p, g = _fold_one(s_hi, s_lo, c, pow2, sp, spv, m, rtz, promote_now,
-                                 partial[n], reg[n])
-                partial[n] = p
-                reg[n] = g
-        best = 0.0
-        total = 0.0
-        for n in range(N):
-            if pmax[n] > best:
-                best = pmax[n]
-            total += cnt[n]
-        stat_max[mrow] = best
-        stat_cnt[mrow] = total
-        for n in range(N):
-            if promote_blocks > 0:
-                if nsub % promote_blocks != 0:
-                    reg[n] = _add(reg[n], partial[n], 23, False)
-                out[mrow, n] = np.float32(reg[n])
-            else:
-                out[mrow, n] = np.float32(partial[n])
+                pm = np.float64(pmax[rr, n])
+                best = pm if pm > best else best
+                total += cnt[rr, n]
+            stat_max[mrow] = best
+            stat_cnt[mrow] = total
+            for n in range(N):
+                if fast32:
+                    out[mrow, n] = acc32[rr, n]
+                elif promote_blocks > 0:
+                    g = reg[rr, n]
+                    if nsub % promote_blocks != 0:
+                        g = _add(g, partial[rr, n], 23, False)
+                    out[mrow, n] = np.float32(g)
+                else:
+                    out[mrow, n] = np.float32(partial[rr, n])
 
 
 @njit(cache=True, nogil=True)
-def _finish(partial, reg, promote_blocks, nsub, out, row0):
-    mt, N = partial.shape
-    for r in prange(mt):
-        for n in range(N):
+def _finish(partial, reg, promote_blocks, nsub, out, r0, n0):
+    mt, nt = partial.shape
+    for r in range(mt):
+        for i in range(nt):
             if promote_blocks > 0:
-                g = reg[r, n]
+                g = reg[r, i]
                 if nsub % promote_blocks != 0:
-                    g = _add(g, partial[r, n], 23, False)
-                out[row0 + r, n] = np.float32(g)
+                    g = _add(g, partial[r, i], 23, False)
+                out[r0 + r, n0 + i] = np.float32(g)
             else:
-                out[row0 + r, n] = np.float32(partial[r, n])
+                out[r0 + r, n0 + i] = np.float32(partial[r, i])
 
 
 # ---------------------------------------------------------------------------
@@ -776,7 +860,9 @@ def _finish(partial, reg, promote_blocks, nsub, out, row0):
 # ---------------------------------------------------------------------------
 _DEFAULT_ACC = Accumulator()
 _DEFAULT_FLOAT = FloatAcc()
-TILE_ELEMENTS = 1 << 22  # rows x N of one block's sums kept at a time (16 MiB in fp32)
+# output tile of the exact BLAS path: its block sums, running sums and peaks stay in L2
+TILE_ROWS, TILE_COLS = 128, 512
+_STAT_LOCK = threading.Lock()
 
 
 def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DEFAULT_FLOAT,
@@ -821,11 +907,10 @@ def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DE
     FA = _block_factors(A, nsub, L, K)
     FB = _block_factors(B, nsub, L, K)
     pow2 = A.pow2 and B.pow2
-    spa_el, spb_el = A.special, B.special
-    any_special = bool(spa_el.any() or spb_el.any())
+    any_special = A.any_special or B.any_special
     if any_special:
-        spa = _special_blocks(spa_el, nsub, L)
-        spb = _special_blocks(spb_el, nsub, L)
+        spa = _special_blocks(A.special, nsub, L)
+        spb = _special_blocks(B.special, nsub, L)
         VA, VB = A.values, B.values
     else:
         spa = np.zeros((1, 1), dtype=np.bool_)
@@ -851,17 +936,30 @@ def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DE
         stat_max = np.zeros(M, dtype=np.int64)
         stat_cnt = np.zeros(M, dtype=np.int64)
         if worst < 1 << 52 and (acc.bits is None or acc.bits <= 52):
-            # float64 holds every value exactly (|values| < 2^53): the vectorizing kernel
+            # a float type holds every value exactly: the vectorizing kernel, in float32
+            # when the accumulator and the exact prefixes stay below 2^24 (twice the lanes)
+            pb = 1 << (acc.bits - 1) if acc.bits is not None and acc.bits <= 24 else 0
+            lim = 24 if 2 * worst + pb < 1 << 24 else 52
+            fdt = np.float32 if lim == 24 else np.float64
             sm = np.zeros(M, dtype=np.float64)
             sc = np.zeros(M, dtype=np.float64)
-            if acc.bits is None or acc.bits >= 52:
-                lo_f, hi_f = -2.0 ** 52, 2.0 ** 52 - 1
+            if acc.bits is None or acc.bits >= lim:
+                lo_f, hi_f = -2.0 ** lim, 2.0 ** lim - 1
             else:
                 lo_f, hi_f = float(acc.lo), float(acc.hi)
-            _sequential_f64(np.ascontiguousarray(A.ints, dtype=np.float64),
-                            np.ascontiguousarray(B.ints.T, dtype=np.float64), L, K, mode, lo_f,
-                            hi_f, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m_bits, rtz,
-                            promote_blocks, result, sm, sc)
+            # |block sum| <= max(worst, 2^(P-1)) under any overflow rule
+            sbound = max(worst, 1 << (acc.bits - 1)) if acc.bits is not None else worst
+            fast32 = _fp32_fold_ok(FA, FB, qexp, pow2, any_special, m_bits, rtz,
+                                   promote_blocks, sbound, q)
+            if fast32:
+                FA32 = np.ascontiguousarray(FA * q, dtype=np.float32)
+                FB32t = np.ascontiguousarray(FB.T, dtype=np.float32)
+            else:
+                FA32 = FB32t = np.zeros((1, 1), dtype=np.float32)
+            _sequential_fp(np.ascontiguousarray(A.ints, dtype=fdt),
+                           np.ascontiguousarray(B.ints.T, dtype=fdt), L, K, mode, fdt(lo_f),
+                           fdt(hi_f), FA, FB, q, pow2, spa, spb, VA, VB, any_special, m_bits,
+                           rtz, promote_blocks, fast32, FA32, FB32t, result, sm, sc)
             stat_max[:] = sm
             stat_cnt[:] = sc
         else:
@@ -898,9 +996,11 @@ def _padded_blocks(ints: np.ndarray, nsub: int, L: int, dt) -> np.ndarray:
 
 
 def _fp32_fold_ok(FA, FB, qexp_f: float, pow2, any_special, m_bits, rtz, promote_blocks,
-                  worst) -> bool:
+                  worst, q) -> bool:
     """True when every term S * c is exactly an FP32 number (or 0) and the m=23 rne fold is
-    plain float32 addition: integer |S| <= 2^24 and 2^-149 <= c, c * 2^24 < 2^128."""
+    plain float32 addition: integer |S| <= 2^24 and 2^-149 <= c, c * 2^24 < 2^128; and the
+    factors FA * q and FB are themselves FP32 numbers, so c = (FA * q) * FB is exact in
+    float32 too."""
     if m_bits != 23 or rtz or not pow2 or any_special or promote_blocks or worst > 1 << 24:
         return False
     if not (np.isfinite(FA).all() and np.isfinite(FB).all()):
@@ -911,7 +1011,9 @@ def _fp32_fold_ok(FA, FB, qexp_f: float, pow2, any_special, m_bits, rtz, promote
     hi = int(ea.max()) + int(eb.max()) + qexp_f
     # S * c is a multiple of 2^(exp c) with at most 25 bits: exact in FP32 when its quantum
     # is at least FP32's 2^-149 and |S*c| <= 2^24 * c stays below the overflow threshold.
-    return lo >= -149 and hi + 24 <= 127
+    each = (int(ea.min()) + qexp_f >= -149 and int(ea.max()) + qexp_f <= 127
+            and int(eb.min()) >= -149 and int(eb.max()) <= 127)
+    return lo >= -149 and hi + 24 <= 127 and each
 
 
 @contextlib.contextmanager
@@ -972,51 +1074,60 @@ def _openblas_thread_fns():
 
 def _exact_blas(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any_special, m_bits,
                 rtz, promote_blocks, dt, result, common) -> GemmResult:
-    # blocks as contiguous (nsub, rows, L) / (nsub, L, N) stacks: one BLAS call per block
-    # and row tile; row tiles run on worker threads (BLAS single-threaded, folds nogil).
-    Ai = _padded_blocks(A.ints, nsub, L, dt)
-    Bi = _padded_blocks(B.ints, nsub, L, dt)
-    A3 = np.ascontiguousarray(Ai.reshape(M, nsub, L).transpose(1, 0, 2))
-    Bt3 = np.ascontiguousarray(Bi.reshape(N, nsub, L).transpose(1, 2, 0))
-    del Ai, Bi
+    """Block sums by BLAS on output tiles small enough to stay in L2, folded block by
+    block: for each tile (rows r0.., columns n0..) and block j, T = A_j @ B_j^T (one GEMM
+    with inner length L: OpenBLAS runs these at ~90 % of its large-GEMM rate) is folded
+    into the tile's running sums at once. Tiles run on worker threads (BLAS single-threaded,
+    folds nogil)."""
+    A3 = A.blocked(dt, nsub, L)      # (nsub, M, L)
+    B3 = B.blocked(dt, nsub, L)      # (nsub, N, L)
     worst = L * A.max_int * B.max_int
     fast32 = _fp32_fold_ok(FA, FB, A.qexp + B.qexp, pow2, any_special, m_bits, rtz,
-                           promote_blocks, worst)
+                           promote_blocks, worst, q)
     FBt = np.ascontiguousarray(FB.T)
-    stat_max = np.zeros(M, dtype=np.float64)
+    if fast32:
+        FA32 = np.ascontiguousarray(FA * q, dtype=np.float32)
+        FB32 = np.ascontiguousarray(FBt, dtype=np.float32)
+    stat_rows = np.zeros(M, dtype=np.float64)
     workers = max(1, numba.get_num_threads())
-    tile = max(1, min(-(-M // workers), TILE_ELEMENTS // max(N, 1), 512))
+    mt = min(M, TILE_ROWS)
+    nt = min(N, TILE_COLS)
+    tiles = [(r0, n0) for r0 in range(0, M, mt) for n0 in range(0, N, nt)]
 
-    def run_tile(row0):
-        mt = min(tile, M - row0)
-        Tt = np.empty((mt, N), dtype=dt)
-        if fast32:
-            at = np.zeros((mt, N), dtype=np.float32)
-        else:
-            pt = np.zeros((mt, N), dtype=np.float64)
-            rt = np.zeros((mt, N), dtype=np.float64)
-        for j in range(nsub):
-            np.matmul(A3[j, row0:row0 + mt], Bt3[j], out=Tt)
+    def run_tiles(mine):
+        for r0, n0 in mine:
+            mr = min(mt, M - r0)
+            nr = min(nt, N - n0)
+            T = np.empty((mr, nr), dtype=dt)
+            peak = np.zeros((mr, nr), dtype=dt)
             if fast32:
-                _fold_block_fp32(Tt, row0, j, FA, FBt, q, at, stat_max)
+                acc32 = np.zeros((mr, nr), dtype=np.float32)
             else:
-                promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
-                _fold_block(Tt, row0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB,
-                            any_special, m_bits, rtz, promote_now, pt, rt, stat_max)
-        if fast32:
-            result[row0:row0 + mt] = at
-        else:
-            _finish(pt, rt, promote_blocks, nsub, result, row0)
+                pt = np.zeros((mr, nr), dtype=np.float64)
+                rt = np.zeros((mr, nr), dtype=np.float64)
+            for j in range(nsub):
+                np.matmul(A3[j, r0:r0 + mr], B3[j, n0:n0 + nr].T, out=T)
+                if fast32:
+                    _fold_tile_fp32(T, FA32[r0:r0 + mr, j], FB32[j, n0:n0 + nr], acc32, peak)
+                else:
+                    promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
+                    _fold_block(T, r0, n0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB,
+                                any_special, m_bits, rtz, promote_now, pt, rt, peak)
+            if fast32:
+                result[r0:r0 + mr, n0:n0 + nr] = acc32
+            else:
+                _finish(pt, rt, promote_blocks, nsub, result, r0, n0)
+            best = peak.max(axis=1)
+            with _STAT_LOCK:
+                np.maximum(stat_rows[r0:r0 + mr], best, out=stat_rows[r0:r0 + mr])
 
-    starts = list(range(0, M, tile))
     with _single_threaded_blas():
-        if workers == 1 or len(starts) == 1:
-            for r0 in starts:
-                run_tile(r0)
+        if workers == 1 or len(tiles) == 1:
+            run_tiles(tiles)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run_tile, starts))
-    mx = int(stat_max.max())
+                list(pool.map(run_tiles, [tiles[w::workers] for w in range(workers)]))
+    mx = int(stat_rows.max())
     return GemmResult(result, mx, 0, bits_for(mx), path="blas32" if dt == np.float32 else
                       "blas64", **common)
 
@@ -1042,7 +1153,7 @@ def _exact_python(A, B, M, N, K, L, nsub, FA, FB, q, pow2, spa, spb, VA, VB, any
         promote_now = promote_blocks > 0 and (j + 1) % promote_blocks == 0
         _fold_dd_block(s_hi, s_lo, j, L, K, FA, FB, q, spa, spb, VA, VB, any_special, m_bits,
                        rtz, promote_now, partial, reg)
-    _finish(partial, reg, promote_blocks, nsub, result, 0)
+    _finish(partial, reg, promote_blocks, nsub, result, 0, 0)
     return GemmResult(result, best, 0, bits_for(best), path="python", **common)
 
 
