@@ -105,6 +105,9 @@ def _bits_view(flat: np.ndarray):
 
 def _rows(x: np.ndarray, axis: int):
     """x with the quantized axis last, as a C-contiguous (rows, L) array."""
+    if axis == x.ndim - 1 and x.flags.c_contiguous:  # the common case, without moveaxis
+        L = x.shape[-1]
+        return x.reshape(x.size // L if L else 0, L), x.shape
     xm = np.moveaxis(x, axis, -1)
     L = xm.shape[-1]
     rows = xm.size // L if L else 0

@@ -11,7 +11,7 @@ import numfmt
 import numfmt.torch as nft
 from analysis.loraq import (LoRaQResult, hadamard, load_result, loftq, lqer, naive, optimize,
                             rtn, save_result, svdquant)
-from analysis.loraq.optimizer import cayley, step_gradients
+from analysis.loraq.optimizer import cayley, cayley_grad, step_gradients
 from hwsim.cost import branch_storage_bits, equal_memory_rank, matrix_storage_bits
 
 
@@ -154,6 +154,16 @@ def test_determinism_same_seed_and_threads():
         assert a.history == x.history
 
 
+def test_determinism_across_threads_on_a_layer_sized_matrix():
+    """Reductions over a 384 x 384 error are large enough for torch to split them by
+    thread; the optimizer's sums are ordered so that 1 and 2 threads agree bit for bit."""
+    W = np.random.default_rng(5).standard_normal((384, 384)).astype(np.float32) * 0.05
+    a = optimize(W, steps=4, rank=40)
+    b = optimize(W, steps=4, rank=40, threads=2)
+    assert a.history == b.history
+    assert np.array_equal(a.left.codes, b.left.codes) and np.array_equal(a.main.codes, b.main.codes)
+
+
 def test_fp16_branch_and_torch_input():
     r = optimize(torch.from_numpy(W0), branch="fp16", steps=5, rank=8)
     assert r.left.codes.dtype == np.uint16 and r.left.format.name == "fp16"
@@ -172,6 +182,9 @@ def test_step_gradients_match_autograd_through_numfmt_ste():
         Om = cayley(K)
         loss, Lo, Ro, gA, gB = step_gradients(Wn, L, R, Om, "mxint4", "mxint6", h)
         gK, = torch.autograd.grad(torch.sum(gA * Lo) + torch.sum(gB * Ro), K)
+        # the hand-written Cayley backward the optimizer uses (Omega = cayley(K) here)
+        gK_hand = cayley_grad(K.detach(), Om.detach(), L.T @ gA + R @ gB.T)
+        assert torch.allclose(gK_hand, gK, rtol=1e-4, atol=1e-5)
         # reference: autograd of ||W - Q1(P)_fixed - Q2(L Om) Q2(Om^T R)|| with STE
         Lr, Rr, Kr = (L.clone().requires_grad_(True), R.clone().requires_grad_(True),
                       K.detach().clone().requires_grad_(True))

@@ -31,11 +31,16 @@ Lo = L Omega, Ro = Omega^T R)::
     dg/dA = -2 E B^T,  dg/dB = -2 A^T E           (out x r, r x in)
     dg/dL = (dg/dA) Omega^T,  dg/dR = Omega (dg/dB),  dg/dOmega = L^T dg/dA + R (dg/dB)^T
 
-computed by hand (three GEMMs of out x in x r per step: A B, E B^T, A^T E);
-torch autograd only differentiates the r x r map Omega = H cayley(K),
-cayley(K) = (I - A)^(-1) (I + A) with A = K - K^T, K a free r x r parameter
-(the Cayley transform of a skew-symmetric matrix is orthogonal, and I - A is
-always invertible; K = 0 gives Omega = H), H = ``hadamard(r)``. K's step is
+computed by hand (three GEMMs of out x in x r per step: A B, E B^T, A^T E), and so is
+the r x r map Omega = H C, C = cayley(K) = (I - A)^(-1) (I + A) with A = K - K^T, K a
+free r x r parameter (the Cayley transform of a skew-symmetric matrix is orthogonal, and
+I - A is always invertible; K = 0 gives Omega = H), H = ``hadamard(r)``::
+
+    G_Omega = L^T dg/dA Omega-side = L^T gA + R gB^T,   G_C = H^T G_Omega,
+    dC = (I - A)^(-1) dA (C + I)   =>   G_A = (I - A)^(-T) G_C (C + I)^T,
+    dg/dK = G_A - G_A^T                                  (``cayley_grad``)
+
+(the tests check both against torch autograd through numfmt's STE). K's step is
 ``omega_lr`` (0.02) times the factors': on MiniLM a learned rotation moved at
 the factors' rate ended *worse* than a fixed one, and starting from Hadamard
 rather than I was slightly better (the README, section LoRaQ). The Cayley map was chosen
@@ -82,7 +87,8 @@ from analysis.loraq.common import (build_result, quantize_main, resolve_rank, sp
                                    top_svd, with_threads)
 from analysis.loraq.result import LoRaQResult
 
-__all__ = ["optimize", "hadamard", "cayley", "step_gradients", "default_lr", "SCHEDULES", "INITS", "WEIGHTINGS"]
+__all__ = ["optimize", "hadamard", "cayley", "cayley_grad", "step_gradients", "default_lr", "SCHEDULES",
+           "INITS", "WEIGHTINGS"]
 
 INITS = ("svd", "lqer")
 WEIGHTINGS = ("full", "diag")
@@ -127,9 +133,26 @@ def default_lr(branch: str) -> float:
     return 1e-2 if bits >= 8 else (5e-3 if bits >= 6 else 2e-3)
 
 
-def _fq(x: torch.Tensor, fmt) -> torch.Tensor:
-    """numfmt.fake_quantize along axis 1 (the fused Numba kernel), no gradient."""
-    return torch.from_numpy(numfmt.fake_quantize(x.detach().numpy(), fmt, axis=1))
+class _Buffers:
+    """Arrays reused across the steps of one run (out x in and the factor shapes), each
+    a NumPy array and a torch view of the same memory: numfmt's kernels write straight
+    into them (``fake_quantize(out=)``), so a step allocates nothing large."""
+
+    def __init__(self, out: int, inp: int, r: int):
+        def pair(*shape):
+            a = np.empty(shape, dtype=np.float32)
+            return a, torch.from_numpy(a)
+        self.P_np, self.P = pair(out, inp)    # residual P, then E = P - Q1(P) in place
+        self.Q_np, self.Q = pair(out, inp)    # Q1(P)
+        self.A_np, self.A = pair(out, r)
+        self.B_np, self.B = pair(r, inp)
+
+
+def _fq(x: torch.Tensor, fmt, out_np=None, out=None) -> torch.Tensor:
+    """numfmt.fake_quantize along axis 1 (the fused Numba kernel), no gradient; into
+    ``out_np`` / its torch view ``out`` when given."""
+    y = numfmt.fake_quantize(x.detach().numpy(), fmt, axis=1, out=out_np)
+    return out if out is not None else torch.from_numpy(y)
 
 
 def cayley(K: torch.Tensor) -> torch.Tensor:
@@ -139,32 +162,73 @@ def cayley(K: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - A, eye + A)
 
 
-def step_gradients(Wn, L, R, Om, main, branch, H=None):
+def cayley_grad(K: torch.Tensor, C: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """d/dK of <G, cayley(K)> for C = cayley(K) (module docstring). Since
+    I + A = 2 I - (I - A), C + I = 2 (I - A)^(-1), so G_A = (I - A)^(-T) G (C + I)^T
+    = (1/2) (C + I)^T G (C + I)^T: no second solve."""
+    eye = torch.eye(K.shape[0], dtype=K.dtype)
+    Ci = (C + eye).T
+    GA = (Ci @ G @ Ci).mul_(0.5)
+    return GA - GA.T
+
+
+def step_gradients(Wn, L, R, Om, main, branch, H=None, buffers=None):
     """One evaluation of the LoRaQ objective and its gradient (module docstring).
 
     Wn (out x in), L (out x r), R (r x in), Om (r x r) float32 tensors; Om may
     carry an autograd graph (then ``Lo`` / ``Ro`` below carry it too). H: None,
     an (in,) diagonal or an (in x in) second-moment matrix. Returns
     ``(loss, Lo, Ro, gA, gB)``: loss = ||E||_F^2 (or tr(E H E^T)) with
-    E = Wn - Q1(Wn - A B) - A B, A = Q2(Lo), B = Q2(Ro), Lo = L Om, Ro = Om^T R,
+    E = P - Q1(P), P = Wn - A B, A = Q2(Lo), B = Q2(Ro), Lo = L Om, Ro = Om^T R,
     and gA = dg/dLo = -2 (E H) B^T, gB = dg/dRo = -2 A^T (E H) with Q1(P) held
     fixed and the straight-through estimator through Q2. Then
-    dg/dL = gA Om^T, dg/dR = Om gB, and dg/dOm is the gradient of
-    <gA, L Om> + <gB, Om^T R> (what ``optimize`` backpropagates).
+    dg/dL = gA Om^T, dg/dR = Om gB, and dg/dOm = L^T gA + R gB^T.
+    ``buffers`` (a ``_Buffers``): work in place; E then lives in ``buffers.P``.
     """
     Lo, Ro = L.detach() @ Om, Om.T @ R.detach()
     with torch.no_grad():
-        A, B = _fq(Lo, branch), _fq(Ro, branch)
-        AB = A @ B
-        E = Wn - _fq(Wn - AB, main) - AB     # = P - Q1(P), Q1(P) fixed for this step
-        if H is None:
-            G = E
+        if buffers is None:
+            A, B = _fq(Lo, branch), _fq(Ro, branch)
+            P = torch.addmm(Wn, A, B, alpha=-1.0)
+            E = P.sub_(_fq(P, main))              # = P - Q1(P), Q1(P) fixed for this step
         else:
-            G = E @ H if H.ndim == 2 else E * H
-        loss = float(torch.sum(E * G))
-        gA = -2.0 * (G @ B.T)
-        gB = -2.0 * (A.T @ G)
+            A = _fq(Lo, branch, buffers.A_np, buffers.A)
+            B = _fq(Ro, branch, buffers.B_np, buffers.B)
+            P = torch.addmm(Wn, A, B, alpha=-1.0, out=buffers.P)
+            E = P.sub_(_fq(P, main, buffers.Q_np, buffers.Q))
+        G = E if H is None else (E @ H if H.ndim == 2 else E * H)
+        loss = _sum_of_products(E, G, None if buffers is None else buffers.Q)
+        gA = (G @ B.T).mul_(-2.0)
+        gB = (A.T @ G).mul_(-2.0)
     return loss, Lo, Ro, gA, gB
+
+
+def _sum_of_products(X, Y, scratch=None) -> float:
+    """sum(X * Y) as float, summed row by row, then over rows: the same bits whatever the
+    thread count (a whole-tensor torch.sum or torch.dot splits its sum by threads)."""
+    prod = torch.mul(X, Y, out=scratch) if scratch is not None else X * Y
+    return float(prod.sum(dim=1).sum())
+
+
+class _Adam:
+    """torch.optim.Adam's update (betas 0.9, 0.999, eps 1e-8), in place, for plain
+    tensors whose gradients are computed by hand: no autograd, no optimizer state dicts."""
+
+    def __init__(self, params, lrs):
+        self.params, self.lrs = params, list(lrs)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads, scale: float = 1.0) -> None:
+        self.t += 1
+        bc1 = 1 - 0.9 ** self.t
+        bc2_sqrt = (1 - 0.999 ** self.t) ** 0.5
+        for p, g, m, v, lr in zip(self.params, grads, self.m, self.v, self.lrs):
+            m.lerp_(g, 0.1)
+            v.mul_(0.999).addcmul_(g, g, value=0.001)
+            denom = (v.sqrt() / bc2_sqrt).add_(1e-8)
+            p.addcdiv_(m, denom, value=-(lr * scale) / bc1)
 
 
 @with_threads
@@ -236,46 +300,47 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
         E0 = W64 / c - numfmt.fake_quantize(W64 / c, main, axis=1).astype(np.float64)
         U, S, Vt = top_svd(E0, r)
     L0, R0 = split_factors(U, S, Vt)
-    L = torch.from_numpy(L0.astype(np.float32)).requires_grad_(True)
-    R = torch.from_numpy(R0.astype(np.float32)).requires_grad_(True)
-    params = [L, R]
-    K = None
+    # L and R live in one flat tensor (and so do their gradients): one Adam update for both
+    n_out, n_in = Wn.shape
+    flat = torch.empty(n_out * r + r * n_in, dtype=torch.float32)
+    gflat = torch.empty_like(flat)
+    L, R = flat[:n_out * r].view(n_out, r), flat[n_out * r:].view(r, n_in)
+    gL, gR = gflat[:n_out * r].view(n_out, r), gflat[n_out * r:].view(r, n_in)
+    L.copy_(torch.from_numpy(L0.astype(np.float32)))
+    R.copy_(torch.from_numpy(R0.astype(np.float32)))
     fixed = (torch.eye(r) if rotation == "identity"
              else torch.from_numpy(hadamard(r).astype(np.float32)))
-    groups = [{"params": params}]
+    params, lrs = [flat], [lr]
+    K = None
     if rotation == "learned":
-        K = torch.zeros((r, r), dtype=torch.float32, requires_grad=True)
-        groups.append({"params": [K], "lr": lr * omega_lr})
+        K = torch.zeros((r, r), dtype=torch.float32)
+        params.append(K)
+        lrs.append(lr * omega_lr)
     H = None
     if X is not None:
         Xs = torch.from_numpy(X / math.sqrt(X.shape[0]))
         H = ((Xs.T @ Xs).to(torch.float32) if weighting == "full"
              else (Xs * Xs).sum(0).to(torch.float32))
         H = H / (H.diagonal().mean() if weighting == "full" else H.mean()).clamp_min(1e-30)
-    opt = torch.optim.Adam(groups, lr=lr)
-    base_lr = [g["lr"] for g in opt.param_groups]
+    opt = _Adam(params, lrs)
+    buffers = _Buffers(Wn.shape[0], Wn.shape[1], r)
 
-    def rotation_matrix():
-        return fixed @ cayley(K) if K is not None else fixed
-
-    if H is None:
-        norm2 = float(torch.sum(Wn * Wn))
-    else:
-        norm2 = float(torch.sum(Wn * (Wn @ H if H.ndim == 2 else Wn * H)))
+    norm2 = _sum_of_products(Wn, Wn if H is None else (Wn @ H if H.ndim == 2 else Wn * H))
     history: list[float] = []
     best = (math.inf, None)
-    since_best, run = 0, 0
+    since_best, run, scale = 0, 0, 1.0
     converged = steps == 0
     for step in range(steps + 1):
-        Om = rotation_matrix()
-        loss, Lo, Ro, gA, gB = step_gradients(Wn, L, R, Om, main, branch, H)
+        C = cayley(K) if K is not None else None
+        Om = fixed @ C if K is not None else fixed
+        loss, Lo, Ro, gA, gB = step_gradients(Wn, L, R, Om, main, branch, H, buffers)
         history.append(math.sqrt(max(loss, 0.0) / max(norm2, 1e-300)))
         if loss < best[0] * (1 - tol):
             since_best = 0
         else:
             since_best += 1
         if loss < best[0]:
-            best = (loss, (Lo.detach().clone(), Ro.detach().clone(), Om.detach().clone()))
+            best = (loss, (Lo, Ro, Om))  # fresh tensors every step: no copy needed
         if since_best >= patience:
             converged = True
             break
@@ -286,20 +351,17 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
             break
         if schedule == "plateau":
             if since_best and since_best % max(patience // 2, 1) == 0:
-                for g in opt.param_groups:
-                    g["lr"] *= lr_decay
+                scale *= lr_decay
         elif schedule == "cosine":
-            for g, b in zip(opt.param_groups, base_lr):
-                g["lr"] = b * 0.5 * (1 + math.cos(math.pi * step / steps))
+            scale = 0.5 * (1 + math.cos(math.pi * step / steps))
         run += 1
-        opt.zero_grad(set_to_none=True)
-        Omd = Om.detach()
-        L.grad = gA @ Omd.T
-        R.grad = Omd @ gB
+        torch.mm(gA, Om.T, out=gL)
+        torch.mm(Om, gB, out=gR)
+        grads = [gflat]
         if K is not None:
-            # d/dOmega of <gA, L Omega> + <gB, Omega^T R> at fixed gA, gB, through Cayley to K.
-            (torch.sum(gA * Lo) + torch.sum(gB * Ro)).backward()
-        opt.step()
+            # d/dOmega of <gA, L Omega> + <gB, Omega^T R> at fixed gA, gB, through Cayley to K
+            grads.append(cayley_grad(K, C, fixed.T @ (L.T @ gA + R @ gB.T)))
+        opt.step(grads, scale)
 
     Lo, Ro, Om = best[1]
     left = numfmt.quantize(np.ascontiguousarray(Lo.numpy() * np.float32(c)), branch, axis=1)
