@@ -127,7 +127,9 @@ def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None,
                                                "beta_grid": svdquant_grid[1]}
         return loraq.svdquant(W, main=main, rank=config.rank or 32, activations=activations, **kw)
     if method == "loraq":
-        kw = {} if steps is None else {"steps": steps}
+        # a fixed step budget anneals to zero within it (cosine); None: the optimizer's
+        # default, run until its plateau schedule has converged
+        kw = {} if steps is None else {"steps": steps, "schedule": "cosine"}
         return loraq.optimize(W, main=main, branch=branch, rank=config.rank, seed=seed, **kw)
     fn = getattr(loraq, method)
     return fn(W, main=main, branch=branch, rank=config.rank)

@@ -65,7 +65,7 @@ def _matrix_part(threads: int, steps: int | None, factor: int) -> None:
           f"loraq / svdquant = {res.rel_error / sq.rel_error:.3f}")
     if factor > 1:
         t = time.perf_counter()
-        long = optimize(W, steps=factor * max(res.steps, 1), patience=10**9, threads=threads)
+        long = optimize(W, steps=factor * max(res.steps, 1), early_stop=False, threads=threads)
         t_long = time.perf_counter() - t
         gap = res.rel_error / long.rel_error - 1
         print(f"optimize, {long.steps} steps ({factor}x): {t_long:.2f} s, rel_error "
