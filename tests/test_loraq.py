@@ -76,6 +76,40 @@ def test_bad_options_raise():
         optimize(W0, steps=-1)
     with pytest.raises(ValueError, match="schedule='warm'"):
         optimize(W0, schedule="warm")
+    with pytest.raises(ValueError, match="min_lr_scale=0.0"):
+        optimize(W0, min_lr_scale=0)
+    with pytest.raises(TypeError, match="early_stop"):
+        optimize(W0, early_stop="no")
+
+
+def test_plateau_schedule_stops_by_its_rule_and_can_continue():
+    """The default run stops when its step has been halved below 1/8 (converged, well
+    before the cap); early_stop=False runs every step of the cap, and its best is at
+    least as good (the same iterates first)."""
+    r = optimize(W0, steps=400)
+    assert r.converged and 0 < r.steps < 400
+    assert r.config["patience"] == 5 and r.config["schedule"] == "plateau"
+    longer = optimize(W0, steps=2 * r.steps, early_stop=False)
+    assert longer.steps == 2 * r.steps
+    assert longer.history[:r.steps + 1] == r.history
+    assert longer.rel_error <= r.rel_error
+    # a cosine run keeps its budget unless 30 steps pass without improvement
+    c = optimize(W0, schedule="cosine", steps=40)
+    assert c.config["patience"] == 30 and c.steps == 40
+
+
+def test_padded_rank_is_exact():
+    """r = 62 runs its GEMMs at 64 with zero padding: the result has rank 62 and the
+    main matrix is Q1 of the residual of exactly the stored rank-62 branch."""
+    from analysis.loraq.optimizer import _padded_rank
+    assert [_padded_rank(r) for r in (62, 64, 81, 120, 30, 1)] == [64, 64, 81, 120, 30, 1]
+    res = optimize(W0, rank=62, steps=6)
+    assert res.left.shape == (96, 62) and res.right.shape == (62, 256)
+    P = W0.astype(np.float64) - numfmt.dequantize(res.left).astype(np.float64) @ \
+        numfmt.dequantize(res.right).astype(np.float64)
+    q = numfmt.quantize(P, "mxint4", axis=1)
+    assert np.array_equal(q.codes, res.main.codes) and np.array_equal(q.scales, res.main.scales)
+    assert res.history[0] > res.rel_error
 
 
 # --- result structure --------------------------------------------------------------
