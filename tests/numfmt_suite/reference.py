@@ -465,7 +465,8 @@ def quantize_absmax(x, fmt, axis=-1, mode="rne", seed=0) -> Result:
 def quantize_nvfp4(x, fmt, axis=-1, mode="rne", seed=0) -> Result:
     """NVIDIA's NVFP4 recipe, every step a float32 operation:
 
-        s_enc   = f32(6 * 448) / f32(amax(finite |x|))   (1 if amax = 0; f32 max if Inf)
+        x       = f32(x)   (a float64 value beyond float32's range becomes Inf)
+        s_enc   = f32(6 * 448) / amax(finite |x|)   (1 if amax = 0; f32 max if Inf)
         scale_b = e4m3_RNE(f32(f32(amax_b / 6) * s_enc)), saturating at 448
         element = round_mode_E2M1(f32(f32(v * s_enc) / scale_b)), saturating at 6
         decoded = f32(f32(element * scale_b) / s_enc)
@@ -478,16 +479,17 @@ def quantize_nvfp4(x, fmt, axis=-1, mode="rne", seed=0) -> Result:
     bs = fmt.block_size
     nblk = -(-L // bs)
     flat64 = x2.reshape(-1).astype(np.float64)
-    fin = np.abs(flat64[np.isfinite(flat64)])
-    amax = np.float32(fin.max()) if fin.size else np.float32(0)
     f32 = np.float32
+    with np.errstate(over="ignore"):  # float64 beyond float32's range is Inf in the recipe
+        flat = flat64.astype(np.float32)
+    fin = np.abs(flat[np.isfinite(flat)])
+    amax = f32(fin.max()) if fin.size else f32(0)
     with np.errstate(over="ignore", divide="ignore"):
         s_enc = f32(6.0 * 448.0) / amax if amax > 0 else f32(1.0)
     if not np.isfinite(s_enc):
         s_enc = f32(np.finfo(np.float32).max)
     e4m3, e2m1 = fmt.scale, fmt.element
     gs, ge = grid(e4m3), grid(e2m1)
-    flat = flat64.astype(np.float32)
     codes = np.zeros(flat.size, np.int64)
     fake = np.zeros(flat.size, np.float32)
     scales = np.zeros(rows * nblk, np.int64)

@@ -205,6 +205,28 @@ def test_float64_extreme_dynamic_range_directed_modes():
             assert_matches_reference(x, numfmt.get(name), mode)
 
 
+def test_nvfp4_float64_beyond_float32_is_its_float32_cast():
+    """NVFP4's recipe is float32: a float64 value beyond float32's range is an Inf there
+    (its block turns NaN) and the tensor scale comes from the values that stay finite, so
+    the other blocks keep their values instead of all turning NaN."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 48)) * 3.0
+    x[0, 5] = 1e39            # rounds to Inf in float32
+    x[1, 40] = -3.0e38        # finite in float32: sets the tensor scale
+    x[1, 41] = float(np.finfo(np.float32).max)
+    fmt = numfmt.get("nvfp4")
+    for mode in ("rne", "rtz", "stochastic"):
+        assert_matches_reference(x, fmt, mode)
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    q64, q32 = numfmt.quantize(x, fmt), numfmt.quantize(x32, fmt)
+    assert np.float32(q64.tensor_scale).view(np.uint32) == np.float32(q32.tensor_scale).view(np.uint32)
+    assert np.array_equal(q64.codes, q32.codes) and np.array_equal(q64.scales, q32.scales)
+    y = numfmt.fake_quantize(x, fmt)
+    assert bits_equal(y, numfmt.fake_quantize(x32, fmt))
+    assert np.isnan(y[0, :16]).all() and np.isfinite(y[0, 16:]).all() and np.isfinite(y[1]).all()
+
+
 @pytest.mark.parametrize("fmt", SOME, ids=fmt_id)
 @pytest.mark.parametrize("axis", [0, 1, -3, 2])
 def test_axis_other_than_last(fmt, axis):
