@@ -564,11 +564,8 @@ def _fold_block(T, r0, n0, j, L, K, FA, FBt, q, pow2, spa, spb, VA, VB, any_spec
             n = n0 + i
             s = T[r, i]
             c = fa * FBt[j, n]
-            sp = False
-            spv = 0.0
-            if any_special and (sa or spb[n, j]):
-                sp = True
-                spv = _special_sum(VA[mrow], VB[n], k0, k1)
+            sp = any_special and (sa or spb[n, j])
+            spv = _special_sum(VA[mrow], VB[n], k0, k1) if sp else 0.0
             a = abs(s)
             peak[r, i] = a if a > peak[r, i] else peak[r, i]
             p, g = _fold_one(np.float64(s), 0.0, c, pow2, sp, spv, m, rtz, promote_now,
@@ -672,11 +669,8 @@ def _sequential(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB, an
                 s_hi = np.float64(s)
                 s_lo = np.float64(s - np.int64(s_hi))
                 c = fa * FB[n, j]
-                sp = False
-                spv = 0.0
-                if any_special and (sa or spb[n, j]):
-                    sp = True
-                    spv = _special_sum(VA[mrow], VB[n], k0, k1)
+                sp = any_special and (sa or spb[n, j])
+                spv = _special_sum(VA[mrow], VB[n], k0, k1) if sp else 0.0
                 p, g = _fold_one(s_hi, s_lo, c, pow2, sp, spv, m, rtz, promote_now,
                                  partial[n], reg[n])
                 partial[n] = p
@@ -810,11 +804,8 @@ def _sequential_fp(A, Bt, L, K, mode, lo, hi, FA, FB, q, pow2, spa, spb, VA, VB,
                 sa = any_special and spa[mrow, j]
                 for n in range(N):
                     c = fa * FB[n, j]
-                    sp = False
-                    spv = 0.0
-                    if any_special and (sa or spb[n, j]):
-                        sp = True
-                        spv = _special_sum(VA[mrow], VB[n], k0, k1)
+                    sp = any_special and (sa or spb[n, j])
+                    spv = _special_sum(VA[mrow], VB[n], k0, k1) if sp else 0.0
                     p, g = _fold_one(np.float64(acc[rr, n]), 0.0, c, pow2, sp, spv, m, rtz,
                                      promote_now, partial[rr, n], reg[rr, n])
                     partial[rr, n] = p
@@ -1166,11 +1157,8 @@ def _fold_dd_block(s_hi, s_lo, j, L, K, FA, FB, q, spa, spb, VA, VB, any_special
     for r in range(M):
         for n in range(N):
             c = FA[r, j] * q * FB[n, j]
-            sp = False
-            spv = 0.0
-            if any_special and (spa[r, j] or spb[n, j]):
-                sp = True
-                spv = _special_sum(VA[r], VB[n], k0, k1)
+            sp = any_special and (spa[r, j] or spb[n, j])
+            spv = _special_sum(VA[r], VB[n], k0, k1) if sp else 0.0
             p, g = _fold_one(s_hi[r, n], s_lo[r, n], c, True, sp, spv, m, rtz, promote_now,
                              partial[r, n], reg[r, n])
             partial[r, n] = p
