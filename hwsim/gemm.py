@@ -112,10 +112,10 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 import numfmt
+from numfmt._kernels import f64_bits, f64_from_bits
 from numfmt.formats import BlockFormat, IntFormat
 from numfmt.qtensor import QTensor
 
@@ -405,22 +405,6 @@ def _two_prod(a, b):
     return p, e
 
 
-@intrinsic
-def _f64_bits(typingctx, x):
-    """The IEEE bit pattern of a float64 as int64 (a bitcast)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.int64))
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _bits_f64(typingctx, x):
-    """The float64 with a given int64 bit pattern (a bitcast)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float64))
-    return types.float64(types.int64), codegen
-
-
 _FP32_MIN_NORMAL = 2.0 ** -126
 
 
@@ -436,7 +420,7 @@ def _round_dd(hi, lo, m, rtz):
     if not (a > _FP32_MIN_NORMAL and a < np.inf):
         return _round_dd_slow(hi, lo, m, rtz)
     b = lo if hi > 0.0 else -lo
-    u = _f64_bits(a)
+    u = f64_bits(a)
     one = np.int64(1) << np.int64(52 - m)
     rem = u & (one - 1)
     base = u - rem
@@ -450,9 +434,9 @@ def _round_dd(hi, lo, m, rtz):
     # (2 - 2^-m) * 2^127: biased exponent 1150, the top m fraction bits set
     maxbits = (np.int64(1150) << np.int64(52)) | (((np.int64(1) << np.int64(m)) - 1) << np.int64(52 - m))
     if base > maxbits:
-        r = _bits_f64(maxbits) if rtz else np.inf
+        r = f64_from_bits(maxbits) if rtz else np.inf
     else:
-        r = _bits_f64(base)
+        r = f64_from_bits(base)
     return r if hi > 0.0 else -r
 
 
