@@ -238,6 +238,22 @@ def test_qtensor_codes_and_scales_disagree():
         QTensor.unpack(q.pack()[:10], "mxint8", (4, 64), scales=q.scales)
 
 
+@pytest.mark.parametrize("name,bad", [("mxint4", 0x10), ("mxfp4", 0xFF), ("mxfp6_e3m2", 0x40),
+                                      ("sint4", 0x1F), ("nvfp4", 0x80)])
+def test_dequantize_codes_wider_than_the_element(name, bad):
+    """A code that does not fit the element's bits is refused (the decode tables have
+    2^bits entries: reading past them would be a silent wrong answer)."""
+    q = numfmt.quantize(np.ones((3, 64), np.float32), name)
+    codes = q.codes.copy()
+    codes[2, 17] = bad
+    bits = q.format.element.bits
+    with pytest.raises(ValueError, match=rf"{bad:#x} at index \(2, 17\).*0\.\.{(1 << bits) - 1}"):
+        numfmt.dequantize(QTensor(codes, q.scales, q.format, q.axis, q.shape, q.tensor_scale))
+    codes[2, 17] = (1 << bits) - 1  # the widest code that fits decodes
+    assert numfmt.dequantize(QTensor(codes, q.scales, q.format, q.axis, q.shape,
+                                     q.tensor_scale)).shape == (3, 64)
+
+
 def test_decode_and_encode_bad_values():
     with pytest.raises(ValueError, match="0..15"):
         numfmt.decode(np.array([16], np.uint8), "fp4_e2m1")
