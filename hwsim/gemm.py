@@ -306,6 +306,7 @@ def operand_integers(q: QTensor, name: str = "operand") -> _Operand:
         raise ValueError(f"{name} must be 2-D (rows x K), got shape {q.shape}")
     if q.axis != 1:
         raise ValueError(f"{name} must be quantized along K (axis 1 / -1), got axis={q.axis}")
+    q.check_codes()
     fmt = q.format
     rows, K = q.shape
     if isinstance(fmt, BlockFormat):

@@ -306,13 +306,7 @@ def dequantize(q: QTensor) -> np.ndarray:
     fmt = q.format
     if not isinstance(fmt, BlockFormat):
         return decode(q.codes, fmt)
-    bits = fmt.element.bits
-    if q.codes.size and bits < 8 * q.codes.itemsize and int(q.codes.max()) >> bits:
-        flat_codes = q.codes.reshape(-1)
-        i = int(np.argmax(flat_codes >> bits != 0))
-        raise ValueError(f"code {int(flat_codes[i]):#x} at index "
-                         f"{tuple(int(k) for k in np.unravel_index(i, q.codes.shape))} does not fit the {bits}-bit "
-                         f"elements of {fmt.name!r} (codes must lie in 0..{(1 << bits) - 1})")
+    q.check_codes()
     ax = q.axis
     ndim = len(q.shape)
     codes = q.codes.reshape(1) if ndim == 0 else q.codes

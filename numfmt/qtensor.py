@@ -73,6 +73,21 @@ class QTensor:
         if self.format.scaling == "nvfp4" and self.tensor_scale is None:
             raise ValueError("an nvfp4 QTensor needs its fp32 tensor_scale")
 
+    def check_codes(self) -> None:
+        """Raise ValueError when a code does not fit the element's bits (one pass over the
+        codes, so it is left out of ``validate``: readers that index a decode table call
+        it before they do)."""
+        fmt = self.format
+        bits = (fmt.element if isinstance(fmt, BlockFormat) else fmt).bits
+        c = self.codes
+        if c.size and bits < 8 * c.itemsize and int(c.max()) >> bits:
+            flat = c.reshape(-1)
+            i = int(np.argmax(flat >> bits != 0))
+            where = tuple(int(k) for k in np.unravel_index(i, c.shape))
+            raise ValueError(f"code {int(flat[i]):#x} at index {where} does not fit the "
+                             f"{bits}-bit elements of {fmt.name!r} (codes must lie in "
+                             f"0..{(1 << bits) - 1})")
+
     # -- storage -------------------------------------------------------------
     @property
     def element_bits(self) -> int:
@@ -92,6 +107,7 @@ class QTensor:
     def pack(self) -> np.ndarray:
         """Element codes densely bit-packed, LSB first (two 4-bit codes a byte, 6-bit codes
         four in three bytes), in C order of ``shape``. Returns a uint8 array."""
+        self.check_codes()
         return pack_codes(self.codes.reshape(-1), self.format.bits)
 
     @classmethod

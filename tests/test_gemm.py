@@ -273,6 +273,12 @@ def test_promote_every_must_be_a_block_multiple_and_bad_inputs_are_named():
                                     numfmt.get("nvfp4"), 1, (2, 64), np.float32(1.0)), b)
     with pytest.raises(TypeError, match="Accumulator"):
         hwsim.matmul(a, b, acc="wrap")
+    a4 = numfmt.quantize(np.ones((2, 64), np.float32), "mxint4", axis=1)
+    wide = a4.codes.copy()
+    wide[1, 40] = 0xF0  # read past the 16-entry decode table: a silent wrong answer before
+    with pytest.raises(ValueError, match=r"0xf0 at index \(1, 40\).*0\.\.15"):
+        hwsim.matmul(numfmt.QTensor(wide, a4.scales, a4.format, 1, (2, 64)),
+                     numfmt.quantize(np.ones((3, 64), np.float32), "mxint4", axis=1))
 
 
 def test_zero_sized_and_partial_last_block():

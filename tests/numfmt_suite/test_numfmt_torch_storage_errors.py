@@ -241,14 +241,17 @@ def test_qtensor_codes_and_scales_disagree():
 @pytest.mark.parametrize("name,bad", [("mxint4", 0x10), ("mxfp4", 0xFF), ("mxfp6_e3m2", 0x40),
                                       ("sint4", 0x1F), ("nvfp4", 0x80)])
 def test_dequantize_codes_wider_than_the_element(name, bad):
-    """A code that does not fit the element's bits is refused (the decode tables have
-    2^bits entries: reading past them would be a silent wrong answer)."""
+    """A code that does not fit the element's bits is refused by dequantize and pack (the
+    decode tables have 2^bits entries: reading past them would be a silent wrong answer)."""
     q = numfmt.quantize(np.ones((3, 64), np.float32), name)
     codes = q.codes.copy()
     codes[2, 17] = bad
     bits = q.format.element.bits
+    wide = QTensor(codes, q.scales, q.format, q.axis, q.shape, q.tensor_scale)
     with pytest.raises(ValueError, match=rf"{bad:#x} at index \(2, 17\).*0\.\.{(1 << bits) - 1}"):
-        numfmt.dequantize(QTensor(codes, q.scales, q.format, q.axis, q.shape, q.tensor_scale))
+        numfmt.dequantize(wide)
+    with pytest.raises(ValueError, match=rf"{bad:#x}"):
+        wide.pack()  # would drop the high bits
     codes[2, 17] = (1 << bits) - 1  # the widest code that fits decodes
     assert numfmt.dequantize(QTensor(codes, q.scales, q.format, q.axis, q.shape,
                                      q.tensor_scale)).shape == (3, 64)
