@@ -51,55 +51,33 @@ with np.errstate(over="ignore"):
 _JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 
 
-@intrinsic
-def f64_from_bits(typingctx, bits):
-    """The float64 whose IEEE bits are the int64 ``bits`` (an LLVM bitcast: vectorizes)."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth != 64:
-        return None
+def _bitcast(name: str, src, result):
+    """An intrinsic ``name(v)`` that reinterprets the bits of a scalar of type class ``src``
+    (types.Float or types.Integer) as ``result`` (an LLVM bitcast, so it vectorizes); a
+    float must have ``result``'s width, an integer at least that width (its low bits are
+    taken)."""
+    width = result.bitwidth
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+    def typer(typingctx, v):
+        if not isinstance(v, src) or v.bitwidth < width or (src is types.Float and v.bitwidth != width):
+            return None
 
-    return types.float64(bits), codegen
+        def codegen(context, builder, signature, args):
+            x = args[0]
+            if v.bitwidth > width:
+                x = builder.trunc(x, ir.IntType(width))
+            return builder.bitcast(x, context.get_value_type(result))
 
+        return result(v), codegen
 
-@intrinsic
-def f32_bits(typingctx, v):
-    """The IEEE bits of a float32 as int32 (an LLVM bitcast)."""
-    if not isinstance(v, types.Float) or v.bitwidth != 32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(v), codegen
-
-
-@intrinsic
-def f32_from_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits``."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        v = args[0]
-        if bits.bitwidth > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(bits), codegen
+    typer.__name__ = typer.__qualname__ = name
+    return intrinsic(typer)
 
 
-@intrinsic
-def f64_bits(typingctx, v):
-    """The IEEE bits of a float64 as int64 (an LLVM bitcast)."""
-    if not isinstance(v, types.Float) or v.bitwidth != 64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(v), codegen
+f32_bits = _bitcast("f32_bits", types.Float, types.int32)                # float32 -> int32
+f64_bits = _bitcast("f64_bits", types.Float, types.int64)                # float64 -> int64
+f32_from_bits = _bitcast("f32_from_bits", types.Integer, types.float32)  # low 32 bits -> float32
+f64_from_bits = _bitcast("f64_from_bits", types.Integer, types.float64)  # int64 -> float64
 
 
 @intrinsic
