@@ -53,6 +53,19 @@ def test_fake_quantize_bad_out(out, err, match):
         numfmt.fake_quantize(x, "mxint8", out=ro)
 
 
+def test_fake_quantize_out_partly_overlapping_x_is_refused():
+    """x itself is allowed; an out= that overlaps x elsewhere (shifted by one element)
+    would be written while later blocks of x are still read: refused."""
+    buf = np.random.default_rng(3).standard_normal(129).astype(np.float32)
+    x, shifted = buf[:128], buf[1:]
+    with pytest.raises(ValueError, match="overlaps x"):
+        numfmt.fake_quantize(x, "mxint8", out=shifted)
+    ref = numfmt.fake_quantize(x.copy(), "mxint8")
+    assert np.array_equal(x, buf[:128])  # untouched by the refused call
+    assert numfmt.fake_quantize(x, "mxint8", out=x) is x
+    assert np.array_equal(x.view(np.uint32), ref.view(np.uint32))
+
+
 # ---------------------------------------------------------------------------
 # torch
 # ---------------------------------------------------------------------------
