@@ -317,6 +317,7 @@ _E8M0 = FloatFormat("e8m0", 8, 0, 127, "nan_only", signed=False, subnormals=Fals
 _FP16 = FloatFormat("fp16", 5, 10, 15, "ieee")
 _BF16 = FloatFormat("bf16", 8, 7, 127, "ieee")
 _FP32 = FloatFormat("fp32", 8, 23, 127, "ieee")
+_TF32 = FloatFormat("tf32", 8, 10, 127, "ieee")  # NVIDIA TensorFloat-32: FP32 range, 10 bits
 
 _REGISTRY: dict[str, Format] = {}
 
@@ -326,7 +327,7 @@ def _register(fmt: Format, *aliases: str) -> None:
         _REGISTRY[key] = fmt
 
 
-for _f in (_E4M3, _E5M2, _E3M2, _E2M3, _E2M1, _E8M0, _FP16, _BF16, _FP32):
+for _f in (_E4M3, _E5M2, _E3M2, _E2M3, _E2M1, _E8M0, _FP16, _BF16, _FP32, _TF32):
     _register(_f)
 _register(IntFormat("int8", 8))
 _register(IntFormat("int4", 4))

@@ -1,0 +1,720 @@
+"""Bit-exact models of GPU matrix units (NVIDIA tensor cores, V100 to B200).
+
+One generic block-FMA model; each GPU is a preset of its parameters (``tensor_core``).
+The model and the parameter values are those of Khattak and Mikaitis, measured on the
+hardware and validated bit for bit against it:
+
+* F. A. Khattak and M. Mikaitis, "Generalized Methodology for Determining Numerical
+  Features of Hardware Floating-Point Matrix Multipliers: Part I", IEEE HPEC 2025;
+* F. A. Khattak and M. Mikaitis, "Accurate Models of NVIDIA Tensor Cores",
+  arXiv:2512.07004;
+* the public MATLAB model north-numerical-computing/MATLAB-tensor-core (``models/*TC.m``
+  hold the per-GPU parameters, ``models/tools/Generic_BFMA_TC.m`` the generic unit).
+
+The arithmetic (gemmlowp style)
+-------------------------------
+One operation of the unit takes ``n = fma_size`` products and an addend::
+
+    d = TC(a[0:n], b[0:n], c)
+
+Inputs. ``a_k`` and ``b_k`` are values of the input format (p = its mantissa bits,
+emin_in = its smallest normal exponent). Each is an integer significand times a power of
+two, with the exponent clamped at emin_in (a subnormal keeps emin_in and a significand
+below 2^p)::
+
+    a_k = A_k * 2^(ea_k - p),   ea_k = max(floor(log2|a_k|), emin_in),   |A_k| < 2^(p+1)
+
+Products, exact and denormalized. ``P_k = A_k * B_k`` is exact (|P_k| < 2^(2p+2), a
+significand in [0, 4) with 2p fraction bits) at exponent ``E_k = ea_k + eb_k``; it is *not*
+normalized (a product in [2, 4) keeps its exponent: ``products_denormalized``). Zero
+products take no part. The addend ``c`` is read as an FP32 number (an FP16 addend is
+exact in FP32): ``c = C * 2^(Ec - 23)``, ``Ec = max(floor(log2|c|), -126)``, ``|C| < 2^24``.
+
+Alignment to the largest exponent, with truncation. The anchor is the largest exponent
+among the nonzero products and a nonzero addend, no lower than ``min_anchor_exponent``::
+
+    X = max(E_0, ..., E_{n-1}, Ec, min_anchor_exponent)
+
+Every term is truncated (toward zero: its magnitude's bits are shifted out) to a multiple
+of the alignment unit ``u = 2^(X - F)``, where ``F = 23 + extra_alignment_bits`` is the
+number of fraction bits the adder keeps below the anchor's units bit (FP32's 23, plus
+the extra bits; negative on Hopper / Ada FP8)::
+
+    T_k = sign(P_k) * floor(|P_k| * 2^(E_k - 2p) / u)          (an integer)
+    T_c = sign(c)   * floor(|C|   * 2^(Ec - 23)  / u)
+
+With ``sticky_bit`` each term gets one more bit below u holding the OR of the bits it
+lost (u halves). The adder is exact on these integers (it has the carry bits:
+|sum| < (n + 1) * 2^(F + 2)), so there is one fused sum and no intermediate rounding::
+
+    S = T_c + sum_k T_k,            exact value  S * u
+
+Final normalization and rounding. ``S * u`` is normalized and rounded once to the output
+format with ``result_mantissa_bits`` fraction bits (``rounding``: "rtz" toward zero,
+"rne" to nearest even), with the output's subnormals (quantum 2^(emin_out - m)) and
+overflow to +-Inf when the rounded exponent exceeds the output's emax. ``S = 0`` gives
++0. The FP32 output of Hopper and Ada FP8 keeps 13 fraction bits (14 significant bits,
+DeepSeek-V3's "about 14 bits" on H800).
+
+Long dot products, chunk by chunk (the recursive summation of the MATLAB model)::
+
+    D_0 = c,   D_{j+1} = TC(a[jn:(j+1)n], b[jn:(j+1)n], D_j),   d = D_{ceil(K/n)}
+
+(a shorter last chunk is padded with zero products, which take no part).
+
+Specials. A row holding a NaN or Inf input (or addend) gives the IEEE float64 value of
+``c + sum_k a_k * b_k`` (NaN for Inf * 0 and Inf - Inf, else +-Inf), as the MATLAB model's
+pre-check does; a running ``D_j`` that overflowed to +-Inf stays Inf (or turns NaN) the
+same way.
+
+Paths. ``TensorCore.dot`` and ``hwsim.matmul(..., inter_block=tc)`` run a Numba kernel on
+integer significands (int64; the aligned sum stays below 2^53); the tests compare it bit
+for bit with a Python-integer reference and with the GPUs' measured outputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+import numfmt
+from numfmt.formats import FloatFormat
+
+__all__ = ["TensorCore", "tensor_core", "GPUS", "INPUTS", "OUTPUTS", "ROUNDINGS",
+           "preset_table", "decode_operand", "matmul_tensorcore"]
+
+GPUS = ("V100", "A100", "A2", "A30", "L40S", "H100", "H200", "B200")
+GPU_ALIASES = {"ADA": "L40S"}
+INPUTS = ("fp16", "bf16", "tf32", "fp8_e4m3", "fp8_e5m2")
+OUTPUTS = ("fp32", "fp16")
+ROUNDINGS = ("rtz", "rne")
+_NEG_EXP = -(1 << 24)  # exponent given to zero elements: below any anchor
+
+
+@dataclass(frozen=True)
+class TensorCore:
+    """A block-FMA matrix unit (module docstring has the arithmetic).
+
+    ``gpu``, ``input_format``, ``output_format``: what the unit is (numfmt names; the
+    output is the format of the addend C and the result D, "fp32" or "fp16").
+    """
+
+    gpu: str
+    input_format: str
+    output_format: str = "fp32"
+    fma_size: int = 4
+    """Products fused in one operation: summed with one alignment and one rounding."""
+    extra_alignment_bits: int = 0
+    """Bits the aligned adder keeps below the anchor beyond FP32's 23 fraction bits
+    (F = 23 + this). Negative: fewer than FP32 (-10 on Hopper / Ada FP8: 13 bits)."""
+    rounding: str = "rtz"
+    """Final rounding of the fused sum: "rtz" (toward zero; FP32 output on the measured
+    GPUs) or "rne" (to nearest, ties to even; FP16 output)."""
+    result_mantissa_bits: int | None = None
+    """Fraction bits of the result register; None means the output format's (23 / 10).
+    13 for FP32 output of Hopper / Ada FP8 (the result is truncated to 14 significant
+    bits)."""
+    sticky_bit: bool = False
+    """Each aligned term keeps one sticky bit (OR of the bits shifted out) below the
+    alignment unit. False on every measured NVIDIA unit: shifted-out bits are lost."""
+    products_denormalized: bool = True
+    """Products are exact and kept unnormalized (significand in [0, 4) at exponent
+    ea + eb), so the alignment anchor is the largest ea + eb. False normalizes a product
+    in [2, 4) first (exponent + 1), moving the anchor and the truncation point up a bit."""
+    min_anchor_exponent: int | None = None
+    """Lowest alignment anchor: X = max(exponents, this). -133 for FP32 output on Hopper
+    and Blackwell, -15 for B200 FP16 output; None: no limit."""
+    subnormal_inputs: bool = True
+    """Subnormal inputs are used as they are; False flushes them to zero."""
+    subnormal_outputs: bool = True
+    """Subnormal addends and results are kept; False flushes them to zero."""
+    source: str = ""
+    """Where the parameter values come from."""
+
+    def __post_init__(self) -> None:
+        for name in ("fma_size", "extra_alignment_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"TensorCore {name} must be an int, got {v!r}")
+        if self.fma_size < 1:
+            raise ValueError(f"TensorCore fma_size={self.fma_size} is not allowed; it must be "
+                             f">= 1 (products fused per operation)")
+        if self.input_format not in INPUTS:
+            raise ValueError(f"unknown input format {self.input_format!r}; known: "
+                             f"{', '.join(INPUTS)}")
+        if self.output_format not in OUTPUTS:
+            raise ValueError(f"unknown output format {self.output_format!r}; known: "
+                             f"{', '.join(OUTPUTS)}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"TensorCore rounding={self.rounding!r} is not one of {ROUNDINGS}")
+        if not -22 <= self.extra_alignment_bits <= 24:
+            raise ValueError(f"TensorCore extra_alignment_bits={self.extra_alignment_bits} is "
+                             f"out of range; allowed -22..24 (1..47 fraction bits)")
+        if self.aligned_sum_bits > 53:
+            raise ValueError(f"an aligned sum of {self.fma_size} products with "
+                             f"{self.alignment_bits} fraction bits needs {self.aligned_sum_bits} "
+                             f"bits; the model holds at most 53 (use a smaller fma_size)")
+        rm = self.result_mantissa_bits
+        if rm is not None:
+            if isinstance(rm, bool) or not isinstance(rm, (int, np.integer)):
+                raise TypeError(f"TensorCore result_mantissa_bits must be an int or None, "
+                                f"got {rm!r}")
+            full = self.output.mantissa_bits
+            if not 1 <= rm <= full:
+                raise ValueError(f"result_mantissa_bits={rm} is not allowed for "
+                                 f"{self.output_format} output; allowed 1..{full}")
+        ma = self.min_anchor_exponent
+        if ma is not None and (isinstance(ma, bool) or not isinstance(ma, (int, np.integer))):
+            raise TypeError(f"TensorCore min_anchor_exponent must be an int or None, got {ma!r}")
+
+    # --- derived values (never typed in twice) ---------------------------------------
+    @property
+    def input(self) -> FloatFormat:
+        """The numfmt input format."""
+        return numfmt.get(self.input_format)
+
+    @property
+    def output(self) -> FloatFormat:
+        """The numfmt output format (of C and D)."""
+        return numfmt.get(self.output_format)
+
+    @property
+    def alignment_bits(self) -> int:
+        """F: fraction bits kept below the anchor's units bit (23 + extra_alignment_bits)."""
+        return 23 + int(self.extra_alignment_bits)
+
+    @property
+    def carry_bits(self) -> int:
+        """Carry bits above a product's 2 integer bits that an exact adder of fma_size
+        products and the addend needs; the model's adder has them (no measured unit lost
+        a carry in the validation sets)."""
+        return math.ceil(math.log2(self.fma_size + 1))
+
+    @property
+    def aligned_sum_bits(self) -> int:
+        """Magnitude bits of the widest aligned sum: F + 2 integer bits + carries + sticky."""
+        return self.alignment_bits + 2 + self.carry_bits + int(self.sticky_bit)
+
+    @property
+    def output_mantissa_bits(self) -> int:
+        """Fraction bits of the rounded result."""
+        rm = self.result_mantissa_bits
+        return self.output.mantissa_bits if rm is None else int(rm)
+
+    @property
+    def significant_bits(self) -> int:
+        """Significant bits of one operation's result (implicit bit included)."""
+        return self.output_mantissa_bits + 1
+
+    def describe(self) -> dict:
+        """The parameters and the derived widths as a plain dict (for tables and JSON)."""
+        return {"gpu": self.gpu, "inputs": self.input_format, "output": self.output_format,
+                "fma_size": int(self.fma_size),
+                "extra_alignment_bits": int(self.extra_alignment_bits),
+                "alignment_bits": self.alignment_bits, "rounding": self.rounding,
+                "result_mantissa_bits": self.output_mantissa_bits,
+                "sticky_bit": bool(self.sticky_bit),
+                "products_denormalized": bool(self.products_denormalized),
+                "min_anchor_exponent": self.min_anchor_exponent,
+                "carry_bits": self.carry_bits, "source": self.source}
+
+    # --- the operation -------------------------------------------------------------
+    def dot(self, a, b, c=None, *, promote_every: int | None = None) -> np.ndarray:
+        """The n inner products ``d_i = c_i + sum_k a[i, k] * b[i, k]`` as the unit
+        computes them (chunks of ``fma_size``, recursively accumulated).
+
+        ``a``, ``b``: (n, K) float arrays of values of the input format; ``c``: (n,)
+        values of the output format (None: zeros). Returns float32 (n,) (an FP16 result
+        as its float32 value). ``promote_every=N`` (a multiple of fma_size) adds the
+        unit's partial sum into a separate FP32 register (RNE) every N products and
+        restarts it from +0 (DeepSeek-V3's promotion); ``c`` then starts that register.
+        """
+        A, B, C = _check_dot_args(self, a, b, c)
+        n, K = A.shape
+        promote = _check_promote(self, promote_every)
+        out = np.zeros(n, dtype=np.float32)
+        if n == 0:
+            return out
+        MA, EA = decode_operand(A, self)
+        MB, EB = decode_operand(B, self)
+        special = ~np.isfinite(A).all(axis=1) | ~np.isfinite(B).all(axis=1) | ~np.isfinite(C)
+        res = np.empty(n, dtype=np.float64)
+        _dot_rows(MA, EA, MB, EB, C, *_kernel_params(self), promote, res)
+        if special.any():
+            res[special] = _ieee_rows(A[special], B[special], C[special])
+        out[:] = res
+        return out
+
+
+# ---------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------
+_SRC = "north-numerical-computing/MATLAB-tensor-core models/"
+_SRC_PAPER = "; Khattak & Mikaitis, arXiv:2512.07004"
+
+# (fma_size, extra_alignment_bits) per architecture and input format, from the public
+# model's per-GPU files; result_mantissa_bits = 23 + extra bits when FP32 output gets fewer.
+_ARCH = {
+    "volta": {"fp16": (4, 0)},
+    "ampere": {"fp16": (8, 1), "bf16": (8, 1), "tf32": (4, 1)},
+    "ada": {"fp16": (8, 1), "bf16": (8, 1), "tf32": (4, 1), "fp8_e4m3": (16, -10),
+            "fp8_e5m2": (16, -10)},
+    "hopper": {"fp16": (16, 2), "bf16": (16, 2), "tf32": (8, 2), "fp8_e4m3": (32, -10),
+               "fp8_e5m2": (32, -10)},
+    "blackwell": {"fp16": (16, 2), "bf16": (16, 2), "tf32": (8, 2), "fp8_e4m3": (32, 2),
+                  "fp8_e5m2": (32, 2)},
+}
+_GPU_ARCH = {"V100": ("volta", "V100TC.m"), "A100": ("ampere", "A100TC.m"),
+             "A2": ("ampere", "A2TC.m (calls A100TC)"),
+             "A30": ("ampere", "A30TC.m (calls A100TC)"),
+             "L40S": ("ada", "L40STC.m, AdaTC.m"), "H100": ("hopper", "H100TC.m"),
+             "H200": ("hopper", "H100TC.m (H200 is the same GH100 silicon)"),
+             "B200": ("blackwell", "B200TC.m")}
+# FP16 output exists for FP16 inputs and (Ada, Hopper) FP8 inputs; BF16 and TF32 units
+# accumulate in FP32 only; the public B200 model computes FP8 with FP32 output only.
+_FP16_OUT = {"volta": ("fp16",), "ampere": ("fp16",), "ada": ("fp16", "fp8_e4m3", "fp8_e5m2"),
+             "hopper": ("fp16", "fp8_e4m3", "fp8_e5m2"), "blackwell": ("fp16",)}
+
+
+def _canonical_gpu(gpu) -> str:
+    if not isinstance(gpu, str):
+        raise TypeError(f"gpu must be a name, got {type(gpu).__name__}")
+    key = gpu.strip().upper()
+    key = GPU_ALIASES.get(key, key)
+    if key not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)} (alias: Ada = L40S)")
+    return key
+
+
+def tensor_core(gpu: str, inputs: str = "fp16", output: str = "fp32") -> TensorCore:
+    """The preset for ``gpu`` (V100, A100, A2, A30, L40S / Ada, H100, H200, B200) with
+    ``inputs`` (fp16, bf16, tf32, fp8_e4m3, fp8_e5m2) and ``output`` (fp32, fp16)."""
+    name = _canonical_gpu(gpu)
+    if not isinstance(inputs, str) or inputs.strip().lower() not in INPUTS:
+        raise ValueError(f"unknown input format {inputs!r}; known: {', '.join(INPUTS)}")
+    if not isinstance(output, str) or output.strip().lower() not in OUTPUTS:
+        raise ValueError(f"unknown output format {output!r}; known: {', '.join(OUTPUTS)}")
+    inputs, output = inputs.strip().lower(), output.strip().lower()
+    arch, src = _GPU_ARCH[name]
+    table = _ARCH[arch]
+    if inputs not in table:
+        raise ValueError(f"{name} tensor cores do not take {inputs} inputs; they take "
+                         f"{', '.join(table)}")
+    if output == "fp16" and inputs not in _FP16_OUT[arch]:
+        raise ValueError(f"{name} with {inputs} inputs has no fp16 output; fp16 output exists "
+                         f"for {', '.join(_FP16_OUT[arch])} inputs")
+    fma, extra = table[inputs]
+    result_bits = 23 + extra if (output == "fp32" and extra < 0) else None
+    rounding = "rne" if output == "fp16" else "rtz"
+    if arch in ("hopper", "blackwell"):
+        min_anchor = -15 if (arch == "blackwell" and output == "fp16") else -133
+    else:
+        min_anchor = None
+    return TensorCore(gpu=name, input_format=inputs, output_format=output, fma_size=fma,
+                      extra_alignment_bits=extra, rounding=rounding,
+                      result_mantissa_bits=result_bits, min_anchor_exponent=min_anchor,
+                      source=_SRC + src + _SRC_PAPER)
+
+
+def preset_table() -> list[TensorCore]:
+    """Every (GPU, inputs, output) preset, in GPUS x INPUTS x OUTPUTS order."""
+    out = []
+    for g in GPUS:
+        for i in INPUTS:
+            for o in OUTPUTS:
+                try:
+                    out.append(tensor_core(g, i, o))
+                except ValueError:
+                    continue
+    return out
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------
+def _as_2d(x, name: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            import torch
+            if isinstance(x, torch.Tensor):
+                x = x.detach().cpu().numpy()
+        except ImportError:  # torch is optional here
+            pass
+        arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
+def first_unrepresentable(x: np.ndarray, fmt: FloatFormat):
+    """Index (tuple) and value of the first element of ``x`` (float64) that is not a value
+    of ``fmt`` (NaN counts only if the format has NaN, +-Inf only if it has Inf), or None."""
+    flat = x.reshape(-1)
+    fin = np.isfinite(flat)
+    ok = np.ones(flat.shape, dtype=bool)
+    nonfin = ~fin
+    if nonfin.any():
+        isnan = np.isnan(flat)
+        ok &= ~(isnan & (not fmt.has_nan))
+        ok &= ~(np.isinf(flat) & (not fmt.has_inf))
+    v = np.where(fin, flat, 0.0)
+    mag = np.abs(v)
+    _, ex = np.frexp(mag)
+    e = np.maximum(ex.astype(np.int64) - 1, fmt.emin)
+    scaled = np.ldexp(mag, (fmt.mantissa_bits - e).astype(np.int32))
+    ok &= ~fin | ((scaled == np.floor(scaled)) & (mag <= fmt.max_normal))
+    if ok.all():
+        return None
+    i = int(np.argmin(ok))
+    return np.unravel_index(i, x.shape), float(flat[i])
+
+
+def _check_values(x: np.ndarray, fmt: FloatFormat, name: str) -> None:
+    bad = first_unrepresentable(x, fmt)
+    if bad is not None:
+        idx, val = bad
+        where = ", ".join(str(int(i)) for i in idx)
+        raise ValueError(f"{name}[{where}] = {val!r} is not representable in {fmt.name}; "
+                         f"{name} must hold values of the unit's {fmt.name} format")
+
+
+def _check_dot_args(tc: TensorCore, a, b, c):
+    A = _as_2d(a, "a")
+    B = _as_2d(b, "b")
+    if A.ndim != 2 or B.ndim != 2:
+        raise ValueError(f"a and b must be 2-D (n, K); got shapes {A.shape} and {B.shape}")
+    if A.shape != B.shape:
+        raise ValueError(f"a is {A.shape} and b is {B.shape}: they must have the same "
+                         f"shape (n, K)")
+    n = A.shape[0]
+    if c is None:
+        C = np.zeros(n, dtype=np.float64)
+    else:
+        C = _as_2d(c, "c")
+        if C.shape != (n,):
+            raise ValueError(f"c has shape {C.shape}; it must be ({n},), one addend per row "
+                             f"of a {A.shape}")
+    A, B, C = (np.ascontiguousarray(v) for v in (A, B, C))
+    _check_values(A, tc.input, "a")
+    _check_values(B, tc.input, "b")
+    _check_values(C, tc.output, "c")
+    return A, B, C
+
+
+def _check_promote(tc: TensorCore, promote_every) -> int:
+    if promote_every is None:
+        return 0
+    if isinstance(promote_every, bool) or not isinstance(promote_every, (int, np.integer)):
+        raise TypeError(f"promote_every must be an int or None, got {promote_every!r}")
+    if promote_every < 1 or promote_every % tc.fma_size:
+        raise ValueError(f"promote_every={promote_every} is not allowed; it must be a positive "
+                         f"multiple of the unit's fma_size {tc.fma_size}")
+    return int(promote_every)
+
+
+# ---------------------------------------------------------------------------
+# decoding: values -> (integer significand, exponent)
+# ---------------------------------------------------------------------------
+def decode_operand(x: np.ndarray, tc: TensorCore, exp_offset: np.ndarray | None = None):
+    """Significands and exponents of input-format values: ``x = M * 2^(e - p)`` with
+    ``e = max(floor(log2|x|), emin_in)`` (+ ``exp_offset``, a power-of-two scale folded
+    into the exponent). int64 signed M, int64 e; a zero (or flushed subnormal, or a
+    NaN / Inf, whose rows go the IEEE way) has M = 0 and a very low e."""
+    fmt = tc.input
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    M = np.empty(x.shape, dtype=np.int64)
+    E = np.empty(x.shape, dtype=np.int64)
+    off = (np.zeros((1, 1), dtype=np.int64) if exp_offset is None
+           else np.ascontiguousarray(exp_offset, dtype=np.int64))
+    _decode(x.reshape(x.shape[0], -1) if x.ndim == 2 else x.reshape(1, -1),
+            M.reshape(x.shape[0], -1) if x.ndim == 2 else M.reshape(1, -1),
+            E.reshape(x.shape[0], -1) if x.ndim == 2 else E.reshape(1, -1),
+            fmt.mantissa_bits, fmt.emin, bool(tc.subnormal_inputs), off, exp_offset is not None)
+    return M, E
+
+
+_JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
+
+
+@njit(parallel=True, **_JIT)
+def _decode(x, M, E, p, emin, subnormals, off, use_off):
+    rows, K = x.shape
+    for i in prange(rows):
+        for k in range(K):
+            v = x[i, k]
+            if v == 0.0 or not np.isfinite(v):
+                M[i, k] = 0
+                E[i, k] = _NEG_EXP
+                continue
+            f, ex = math.frexp(abs(v))
+            e = ex - 1
+            if e < emin:
+                if not subnormals:
+                    M[i, k] = 0
+                    E[i, k] = _NEG_EXP
+                    continue
+                e = emin
+            m = np.int64(math.ldexp(abs(v), p - e))
+            M[i, k] = -m if v < 0 else m
+            E[i, k] = e + (off[i, k] if use_off else 0)
+
+
+# ---------------------------------------------------------------------------
+# the block-FMA kernel
+# ---------------------------------------------------------------------------
+def _kernel_params(tc: TensorCore):
+    out = tc.output
+    p = tc.input.mantissa_bits
+    return (p, tc.alignment_bits, tc.output_mantissa_bits, out.emin, out.emax,
+            tc.rounding == "rne", bool(tc.sticky_bit), bool(tc.products_denormalized),
+            -(1 << 30) if tc.min_anchor_exponent is None else int(tc.min_anchor_exponent),
+            bool(tc.subnormal_outputs), int(tc.fma_size))
+
+
+@njit(inline="always", **_JIT)
+def _shift_trunc(mag, sh):
+    """mag * 2^sh truncated toward zero (mag >= 0), and whether bits were lost."""
+    if sh >= 0:
+        return mag << sh, False
+    r = -sh
+    if r >= 62:
+        return np.int64(0), mag != 0
+    q = mag >> r
+    return q, (q << r) != mag
+
+
+@njit(inline="always", **_JIT)
+def _round_out(S, lsb, m_out, emin, emax, rne, out_sub):
+    """S * 2^lsb (S an int64 below 2^53 in magnitude) rounded to m_out fraction bits,
+    exponent range [emin, emax] with subnormals; overflow gives +-Inf."""
+    if S == 0:
+        return 0.0
+    A = -S if S < 0 else S
+    _, nb = math.frexp(np.float64(A))  # A < 2^53: exact; 2^(nb-1) <= A < 2^nb
+    e = nb - 1 + lsb
+    if e < emin:
+        e = emin
+    qe = e - m_out
+    sh = qe - lsb
+    if sh <= 0:
+        val = math.ldexp(np.float64(A), lsb)
+    else:
+        if sh >= 62:
+            q = np.int64(0)
+            rem = A
+            half_up = False
+        else:
+            q = A >> sh
+            rem = A - (q << sh)
+            half = np.int64(1) << (sh - 1)
+            half_up = rem > half or (rem == half and (q & 1) == 1)
+        if rne and half_up:
+            q += 1
+        val = math.ldexp(np.float64(q), qe)
+    if val >= math.ldexp(1.0, emax + 1):
+        val = np.inf
+    if not out_sub and val < math.ldexp(1.0, emin):
+        val = 0.0
+    return -val if S < 0 else val
+
+
+@njit(inline="always", **_JIT)
+def _block(MA, EA, ia, MB, EB, ib, k0, k1, c, p, F, m_out, emin, emax, rne, sticky, denorm,
+           min_anchor, out_sub):
+    """One operation of the unit on products k0..k1-1 of rows ia (A) and ib (B), addend c."""
+    if not np.isfinite(c):  # an overflowed running sum: IEEE from here on
+        s = c
+        for k in range(k0, k1):
+            s += math.ldexp(np.float64(MA[ia, k] * MB[ib, k]), EA[ia, k] + EB[ib, k] - 2 * p)
+        return s
+    if not out_sub and c != 0.0 and abs(c) < math.ldexp(1.0, emin):
+        c = 0.0
+    two_p1 = np.int64(1) << (2 * p + 1)
+    X = np.int64(-(1 << 40))
+    for k in range(k0, k1):
+        P = MA[ia, k] * MB[ib, k]
+        Ek = EA[ia, k] + EB[ib, k]
+        if not denorm and (P >= two_p1 or -P >= two_p1):
+            Ek += 1
+        if P != 0 and Ek > X:
+            X = Ek
+    Ec = np.int64(0)
+    Mc = np.int64(0)
+    if c != 0.0:
+        _, ex = math.frexp(abs(c))
+        Ec = ex - 1
+        if Ec < -126:
+            Ec = np.int64(-126)
+        Mc = np.int64(math.ldexp(abs(c), 23 - Ec))
+        if Ec > X:
+            X = Ec
+    elif X == -(1 << 40):
+        return 0.0
+    if X < min_anchor:
+        X = min_anchor
+    lsb = X - F
+    S = np.int64(0)
+    for k in range(k0, k1):
+        P = MA[ia, k] * MB[ib, k]
+        if P == 0:
+            continue
+        mag = -P if P < 0 else P
+        t, lost = _shift_trunc(mag, EA[ia, k] + EB[ib, k] - 2 * p - lsb)
+        if sticky:
+            t = (t << 1) | np.int64(lost)
+        S += -t if P < 0 else t
+    if Mc != 0:
+        t, lost = _shift_trunc(Mc, Ec - 23 - lsb)
+        if sticky:
+            t = (t << 1) | np.int64(lost)
+        S += -t if c < 0 else t
+    if sticky:
+        lsb -= 1
+    return _round_out(S, lsb, m_out, emin, emax, rne, out_sub)
+
+
+@njit(inline="always", **_JIT)
+def _chain(MA, EA, ia, MB, EB, ib, K, c, p, F, m_out, emin, emax, rne, sticky, denorm,
+           min_anchor, out_sub, fma, promote):
+    """D_{j+1} = TC(chunk j, D_j) over all of K; with ``promote`` > 0 the partial sum is
+    added (FP32, RNE) into a register every ``promote`` products and restarted at +0."""
+    if promote == 0:
+        d = c
+        for k0 in range(0, K, fma):
+            k1 = min(k0 + fma, K)
+            d = _block(MA, EA, ia, MB, EB, ib, k0, k1, d, p, F, m_out, emin, emax, rne,
+                       sticky, denorm, min_anchor, out_sub)
+        return d
+    reg = np.float32(c)
+    d = 0.0
+    for k0 in range(0, K, fma):
+        k1 = min(k0 + fma, K)
+        d = _block(MA, EA, ia, MB, EB, ib, k0, k1, d, p, F, m_out, emin, emax, rne, sticky,
+                   denorm, min_anchor, out_sub)
+        if k1 % promote == 0 or k1 == K:
+            reg = np.float32(reg + np.float32(d))
+            d = 0.0
+    return np.float64(reg)
+
+
+@njit(parallel=True, **_JIT)
+def _dot_rows(MA, EA, MB, EB, C, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+              out_sub, fma, promote, out):
+    n, K = MA.shape
+    for i in prange(n):
+        out[i] = _chain(MA, EA, i, MB, EB, i, K, C[i], p, F, m_out, emin, emax, rne, sticky,
+                        denorm, min_anchor, out_sub, fma, promote)
+
+
+@njit(parallel=True, **_JIT)
+def _gemm_rows(MA, EA, MB, EB, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+               out_sub, fma, promote, out):
+    M, K = MA.shape
+    N = MB.shape[0]
+    for i in prange(M):
+        for j in range(N):
+            out[i, j] = _chain(MA, EA, i, MB, EB, j, K, 0.0, p, F, m_out, emin, emax, rne,
+                               sticky, denorm, min_anchor, out_sub, fma, promote)
+
+
+def _ieee_rows(A, B, C):
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.sum(A * B, axis=1) + C
+
+
+# ---------------------------------------------------------------------------
+# block-scaled GEMM through the unit (hwsim.matmul(..., inter_block=tc))
+# ---------------------------------------------------------------------------
+def matmul_tensorcore(a, b, tc: TensorCore, promote_every: int | None = None) -> np.ndarray:
+    """``a @ b.T`` for QTensors ``a`` (M x K) and ``b`` (N x K), quantized along K with
+    elements of ``tc.input_format``, as the unit computes it (float32 M x N).
+
+    Block scales must be powers of two (OCP MX E8M0, or no scales); the unit folds a
+    scale into its elements' exponents (a scaled element keeps its significand, its
+    exponent moves by the scale's), so a block's products align and truncate inside
+    the unit exactly like unscaled ones at that magnitude. Each output is the chain
+    ``D_{j+1} = TC(chunk j, D_j)`` from D_0 = +0 over all of K; ``promote_every=N`` adds
+    the unit's partial sum into an FP32 register (RNE) every N elements and restarts
+    it (DeepSeek-V3). An element NaN / Inf or a NaN scale makes the output the IEEE
+    float64 value of the row pair's dot product (NaN / +-Inf).
+    """
+    from numfmt.formats import BlockFormat
+    from numfmt.qtensor import QTensor
+    for name, q in (("a", a), ("b", b)):
+        if not isinstance(q, QTensor):
+            raise TypeError(f"{name} must be a numfmt QTensor, got {type(q).__name__}")
+        if len(q.shape) != 2 or q.axis != 1:
+            raise ValueError(f"{name} must be a 2-D QTensor quantized along axis 1; got shape "
+                             f"{q.shape}, axis {q.axis}")
+        fmt = q.format
+        elem = fmt.element if isinstance(fmt, BlockFormat) else fmt
+        if not isinstance(elem, FloatFormat) or elem.name != tc.input_format:
+            raise ValueError(f"{name} has {getattr(elem, 'name', elem)!r} elements; the "
+                             f"{tc.gpu} unit takes {tc.input_format} (quantize to "
+                             f"{tc.input_format} or an MX format with those elements)")
+        if isinstance(fmt, BlockFormat) and fmt.scaling != "mx":
+            raise ValueError(f"{name} is {fmt.name!r} ({fmt.scaling} scaling); the tensor-core "
+                             f"path needs power-of-two block scales (MX) or none")
+    M, K = a.shape
+    N, Kb = b.shape
+    if K != Kb:
+        raise ValueError(f"a is {a.shape} and b is {b.shape}: their K (axis 1) must agree "
+                         f"(b is N x K, a Linear weight)")
+    promote = _check_promote(tc, promote_every)
+    out = np.zeros((M, N), dtype=np.float32)
+    if M == 0 or N == 0 or K == 0:
+        return out
+    va, offa, nana = _operand_values(a, tc)
+    vb, offb, nanb = _operand_values(b, tc)
+    MA, EA = decode_operand(va, tc, offa)
+    MB, EB = decode_operand(vb, tc, offb)
+    res = np.empty((M, N), dtype=np.float64)
+    _gemm_rows(MA, EA, MB, EB, *_kernel_params(tc), promote, res)
+    spa = nana.any(axis=1) | ~np.isfinite(va).all(axis=1)
+    spb = nanb.any(axis=1) | ~np.isfinite(vb).all(axis=1)
+    if spa.any() or spb.any():
+        fa = va * np.ldexp(1.0, np.clip(offa, -1074, 1023).astype(np.int32))
+        fb = vb * np.ldexp(1.0, np.clip(offb, -1074, 1023).astype(np.int32))
+        fa[nana] = np.nan
+        fb[nanb] = np.nan
+        rows = np.nonzero(spa)[0]
+        cols = np.nonzero(spb)[0]
+        with np.errstate(invalid="ignore", over="ignore"):
+            if rows.size:
+                res[rows, :] = np.einsum("mk,nk->mn", fa[rows], fb)
+            if cols.size:
+                res[:, cols] = np.einsum("mk,nk->mn", fa, fb[cols])
+    out[:] = res
+    return out
+
+
+def _operand_values(q, tc: TensorCore):
+    """Element values (float64, unscaled), per-element scale exponents (int64) and the
+    per-element NaN-scale mask of a 2-D QTensor along axis 1."""
+    from numfmt.formats import BlockFormat
+    fmt = q.format
+    elem = fmt.element if isinstance(fmt, BlockFormat) else fmt
+    q.check_codes()
+    codes = q.codes.reshape(q.shape)
+    if elem.bits > 16:
+        # numfmt.decode reads > 16-bit codes as FP32 bit patterns; a narrower FP32-layout
+        # float (TF32: sign, 8 exponent bits, 10 mantissa bits) is its code shifted up
+        shift = 23 - elem.mantissa_bits
+        vals = (codes.astype(np.uint32) << np.uint32(shift)).view(np.float32)
+        vals = vals.astype(np.float64)
+    else:
+        vals = numfmt.decode(codes, elem).astype(np.float64)
+    rows, K = vals.shape
+    off = np.zeros((rows, K), dtype=np.int64)
+    nan = np.zeros((rows, K), dtype=bool)
+    if isinstance(fmt, BlockFormat) and q.scales is not None:
+        scodes = np.asarray(q.scales).reshape(rows, -1).astype(np.int64)
+        per_elem = np.repeat(scodes, fmt.block_size, axis=1)[:, :K]
+        nan = per_elem == 255
+        off = np.where(nan, 0, per_elem - 127)
+    return vals, off, nan
