@@ -3,7 +3,8 @@
 Examples::
 
     loraq optimize --out runs/minilm-w8                      # built-in MiniLM, mxint8 branch
-    loraq optimize --weights model.safetensors --out runs/m --branch mxint6 --processes 2
+    loraq optimize --weights model.safetensors --out runs/m --branch mxint6 --workers 2
+    loraq optimize --weights /shared/model.safetensors --out runs/m --scheduler tcp://10.0.0.5:8786
     loraq optimize --method svdquant --out runs/minilm-svdq
 
 Each layer's result is written atomically to ``--out`` as it finishes
@@ -14,6 +15,8 @@ stopped. A layer stored with different settings is an error unless
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,11 +50,12 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="loraq: seed (default: %(default)s)")
     p.add_argument("--iters", type=int, default=None, help="loftq iterations / svdquant "
                    "refinement iterations")
-    p.add_argument("--processes", type=int, default=1, help="layers in parallel "
-                   "(default: %(default)s)")
+    p.add_argument("--processes", type=int, default=None, help=argparse.SUPPRESS)  # old --workers
     p.add_argument("--overwrite", action="store_true",
                    help="recompute layers stored with different settings")
     p.add_argument("--quiet", action="store_true", help="no per-layer lines")
+    from analysis.cluster import add_cluster_arguments
+    add_cluster_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -65,8 +69,7 @@ def _load(spec: str):
                          f"pickles are not read here)")
     if not path.is_file():
         raise FileNotFoundError(f"--weights file {spec!r} does not exist")
-    from analysis.minilm import load_weights
-    return load_weights(path)
+    return path  # read tensor by tensor by whoever fits the layer
 
 
 def _kwargs(args) -> dict:
@@ -118,11 +121,22 @@ def run(args) -> int:
                   f"{res.rel_error:.5f}  {res.bits_per_weight:.3f} bit/w  steps {res.steps}",
                   flush=True)
 
-    results = optimize_model(weights, args.out, method=args.method, processes=args.processes,
-                             progress=progress, overwrite=args.overwrite, **kw)
-    errs = [r.rel_error for r in results.values()]
-    bits = sum(r.bits for r in results.values())
-    n = sum(r.shape[0] * r.shape[1] for r in results.values())
+    from analysis import cluster
+    if args.processes is not None:
+        if args.workers is not None:
+            raise ValueError("give --workers (--processes is its older name), not both")
+        args.workers = args.processes
+    with cluster.client_from_args(args) as client:
+        if not args.quiet:
+            print(f"layers run {cluster.describe(client)}", flush=True)
+        optimize_model(weights, args.out, method=args.method, client=client,
+                       progress=progress, overwrite=args.overwrite, **kw)
+    index = json.loads((Path(args.out) / "index.json").read_text(encoding="utf-8"))
+    layers = list(index["layers"].values())
+    errs = [m["rel_error"] for m in layers]
+    bits = sum(m["bits"] for m in layers)
+    n = sum(m["shape"][0] * m["shape"][1] for m in layers)
+    results = layers
     print(f"{len(results)} layers, mean rel_error {sum(errs) / len(errs):.5f}, "
           f"{bits / n:.3f} bits/weight, {time.perf_counter() - t0:.1f} s -> {args.out}",
           file=sys.stdout)

@@ -17,23 +17,34 @@ SHA-256 of its float32 bytes) equals the requested one; otherwise
 ``optimize_model`` raises ValueError naming the layer and the differing keys,
 unless ``overwrite=True``, which recomputes it.
 
-Parallelism: ``processes > 1`` runs layers in a ``spawn`` process pool (safe
-with torch and Numba; each worker runs single-threaded, ``threads=1``); results
-are identical to ``processes=1`` because every layer is computed the same way in
-isolation. The pool is kept for the next call with the same ``processes`` (a
-fresh worker spends ~2.5 s importing torch and loading Numba's cache), and is
-discarded after an error or an interrupt.
+Input: a mapping name -> array (in memory), or the path of a ``.safetensors``
+file. For a file, the client reads only its header (names, shapes, dtypes); each
+task names its layer and the worker reads that one tensor itself
+(``safe_open``, memory-mapped), so no process ever holds more than the tensors
+it is working on, and a model larger than one machine's memory can be
+optimized. Only floating-point 2-D tensors of a file are layers. To decide
+whether a finished layer can be reused, the client reads that layer's tensor
+(one at a time) to hash it. In memory, each weight is sent to the cluster once
+(``analysis.cluster.scatter``).
+
+Parallelism: every layer is one task of ``analysis.cluster.map_layers`` --
+in this process without a client, or a Dask task on ``client`` (a LocalCluster
+of ``workers`` processes, or any scheduler; see ``analysis.cluster``). Results
+come back to the client, which writes each layer's files as it arrives; a
+worker writes nothing, so a lost worker loses nothing (its tasks are rerun
+elsewhere by the scheduler). Each task runs single-threaded (``threads=1``)
+and each layer is computed in isolation from the same inputs, so the bits are
+those of the serial run whatever the number of workers.
 """
 from __future__ import annotations
 
-import atexit
-import concurrent.futures as cf
 import hashlib
 import json
-import multiprocessing
+import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +55,8 @@ from analysis.loraq.optimizer import optimize
 from analysis.loraq.result import (METHODS, LoRaQResult, load_result, read_meta, save_result,
                                    write_atomic)
 
-__all__ = ["optimize_model", "run_method", "layer_stem", "METHOD_FUNCTIONS"]
+__all__ = ["optimize_model", "run_method", "layer_stem", "METHOD_FUNCTIONS", "StoredResults",
+           "file_layers", "read_layer"]
 
 METHOD_FUNCTIONS: dict[str, Callable] = {
     "loraq": optimize, "rtn": baselines.rtn, "svdquant": baselines.svdquant,
@@ -97,73 +109,142 @@ def _request(name, W, method, kwargs) -> dict:
             "weight_sha256": _fingerprint(W), "kwargs": _jsonable(kwargs)}
 
 
-def _work(args):
-    """Worker: compute one layer and write its files; returns (name, stem, metrics)."""
-    name, W, method, kwargs, stem, request = args
-    kwargs = dict(kwargs)
-    kwargs.setdefault("threads", 1)
-    res = run_method(W, method, **kwargs)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def file_layers(path) -> dict[str, tuple[int, int]]:
+    """name -> (out, in) of every floating-point 2-D tensor of a safetensors file (header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shape = tuple(sl.get_shape())
+                if len(shape) == 2 and sl.get_dtype() in FLOAT_DTYPES:
+                    out[name] = shape
+            return out
+    except SafetensorError as exc:
+        raise ValueError(f"{str(p)!r} is not a readable safetensors file: {exc}") from None
+
+
+def read_layer(path, name: str) -> np.ndarray:
+    """One tensor of a safetensors file as a finite float32 array (memory-mapped read)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        t = f.get_tensor(name)
+    return as_weight(t.to(torch.float32), f"weights[{name!r}]").astype(np.float32)
+
+
+def _layer_task(name: str, W, path, activations, method: str, kwargs: dict, request):
+    """One layer, on a worker (or here): returns its LoRaQResult with the request recorded.
+
+    ``W`` is the float32 weight, or None to read layer ``name`` from the file
+    ``path``; then ``request`` is computed here and ``w_hat`` is dropped from
+    the result (the client does not keep it; ``load_result`` recomputes it).
+    """
+    kw = dict(kwargs)
+    if activations is not None:
+        kw["activations"] = activations
+    if W is None:
+        W = read_layer(path, name)
+        request = _request(name, W, method, kw)
+    kw.setdefault("threads", 1)
+    res = run_method(W, method, **kw)
     res.config = dict(res.config, request=request)
-    save_result(res, stem)
-    return name, res
+    if path is not None:
+        res.w_hat = None
+    return res
 
 
-_POOLS: dict[int, cf.ProcessPoolExecutor] = {}
+class StoredResults(Mapping):
+    """name -> LoRaQResult, each read from ``out_dir`` when asked for (none kept in memory).
+
+    ``metrics[name]`` holds the scalar metrics of every layer without reading arrays.
+    """
+
+    def __init__(self, out_dir, stems: dict[str, str], metrics: dict[str, dict]):
+        self.out_dir = Path(out_dir)
+        self._stems = dict(stems)
+        self.metrics = dict(metrics)
+
+    def __getitem__(self, name: str) -> LoRaQResult:
+        return load_result(self.out_dir / self._stems[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stems)
+
+    def __len__(self) -> int:
+        return len(self._stems)
 
 
-def _pool(processes: int) -> cf.ProcessPoolExecutor:
-    """The kept ``spawn`` pool of ``processes`` workers (made on first use)."""
-    ex = _POOLS.get(processes)
-    if ex is None:
-        ex = _POOLS[processes] = cf.ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
-    return ex
-
-
-def _discard_pool(processes: int) -> None:
-    ex = _POOLS.pop(processes, None)
-    if ex is not None:
-        ex.shutdown(wait=False, cancel_futures=True)
-
-
-@atexit.register
-def _close_pools() -> None:
-    for n in list(_POOLS):
-        ex = _POOLS.pop(n)
-        ex.shutdown(wait=True, cancel_futures=True)
-
-
-def optimize_model(weights: Mapping[str, object], out_dir, *, method: str = "loraq",
-                   processes: int = 1, progress: Callable | None = None,
-                   overwrite: bool = False, **kwargs) -> dict[str, LoRaQResult]:
+def optimize_model(weights, out_dir, *, method: str = "loraq", client=None,
+                   workers: int | None = None, processes: int | None = None,
+                   progress: Callable | None = None, overwrite: bool = False,
+                   **kwargs) -> Mapping[str, LoRaQResult]:
     """Run ``method`` over every 2-D weight in ``weights``; results saved in ``out_dir``.
 
-    weights     name -> array (numpy or torch); arrays that are not 2-D
-                (biases, LayerNorm) are skipped; 2-D ones must be finite.
+    weights     name -> array (numpy or torch): arrays that are not 2-D
+                (biases, LayerNorm) are skipped, 2-D ones must be finite; or the
+                path of a .safetensors file (str or Path), read tensor by tensor
+                by the workers (see the module docstring).
     out_dir     folder (created if missing) for the per-layer files.
     method      "loraq" (``optimize``) or a baseline name; ``kwargs`` go to it,
                 except ``activations``, a mapping name -> (n x in) array whose
                 entries go to their layers.
-    processes   layers computed in parallel (spawned processes); 1 = in this process.
+    client      a ``distributed.Client`` (``analysis.cluster.connect``) to run the
+                layers on, or None.
+    workers     without ``client``: a LocalCluster of this many worker processes
+                for this call (``analysis.cluster.connect(workers=...)``); None or
+                1 = in this process. ``processes`` is its older name.
     progress    called as progress(name, result, done, total) after each layer
-                (also for layers loaded from disk).
+                (also for layers loaded from disk), in completion order. For a
+                file input ``result.w_hat`` is None for layers computed now.
     overwrite   recompute layers whose stored config differs instead of raising.
-    Returns name -> LoRaQResult in the order of ``weights``.
+    Returns name -> LoRaQResult in the order of ``weights``: a dict for an
+    in-memory mapping, a ``StoredResults`` (read from disk on access) for a file.
     """
+    from analysis import cluster
+
     _check_method(method)
-    processes = check_int(processes, "processes", 1)
-    if not isinstance(weights, Mapping):
-        raise TypeError(f"weights must be a mapping name -> array, got {type(weights).__name__}")
+    if processes is not None:
+        if workers is not None:
+            raise ValueError("give workers= or its older name processes=, not both")
+        workers = check_int(processes, "processes", 1)
+    if client is not None and workers is not None:
+        raise ValueError(f"give client= or workers={workers}, not both")
     if "threads" in kwargs:
-        raise ValueError("optimize_model runs each layer with threads=1; use processes=")
-    # Validate everything first (bad input fails before any work).
-    todo = {}
-    for name, W in weights.items():
-        if getattr(W, "ndim", None) != 2:
-            continue
-        todo[name] = as_weight(W, f"weights[{name!r}]").astype(np.float32)
+        raise ValueError("optimize_model runs each layer with threads=1; use workers= or a "
+                         "client for parallelism")
+    path = None
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"weights={str(path)!r} must be a .safetensors file or a mapping "
+                             f"name -> array")
+        shapes = file_layers(path)
+        todo = dict.fromkeys(shapes)
+    elif isinstance(weights, Mapping):
+        # Validate everything first (bad input fails before any work).
+        todo = {}
+        for name, W in weights.items():
+            if getattr(W, "ndim", None) != 2:
+                continue
+            todo[name] = as_weight(W, f"weights[{name!r}]").astype(np.float32)
+        shapes = {name: W.shape for name, W in todo.items()}
+    else:
+        raise TypeError(f"weights must be a mapping name -> array or a .safetensors path, got "
+                        f"{type(weights).__name__}")
     if not todo:
         raise ValueError("weights has no 2-D arrays to quantize")
+    for name in todo:
+        layer_stem(name)  # names must be non-empty strings
     acts = kwargs.pop("activations", None)
     if acts is not None:
         if not isinstance(acts, Mapping):
@@ -173,7 +254,7 @@ def optimize_model(weights: Mapping[str, object], out_dir, *, method: str = "lor
         if unknown:
             raise ValueError(f"activations given for unknown layers {unknown[:5]}")
         from analysis.loraq.checks import as_activations
-        acts = {k: as_activations(v, todo[k].shape[1]) for k, v in acts.items()}
+        acts = {k: as_activations(v, shapes[k][1]) for k, v in acts.items()}
     stems = {name: layer_stem(name) for name in todo}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,18 +267,26 @@ def optimize_model(weights: Mapping[str, object], out_dir, *, method: str = "lor
         probe_kwargs["rank"] = 2
     run_method(probe, method, **probe_kwargs)
 
+    metrics: dict[str, dict] = {}
     results: dict[str, LoRaQResult] = {}
-    jobs = []
-    for name, W in todo.items():
+    finished_here: list[str] = []
+    items = []
+    for name in todo:
         stem = out / stems[name]
         kw = dict(kwargs)
-        if acts is not None and name in acts:
-            kw["activations"] = acts[name]
-        request = _request(name, W, method, kw)
+        layer_acts = None if acts is None else acts.get(name)
         if (stem.with_name(stem.name + ".json")).exists():
-            stored = read_meta(stem).get("config", {}).get("request")
+            W = todo[name] if path is None else read_layer(path, name)
+            request = _request(name, W, method, dict(kw, **(
+                {} if layer_acts is None else {"activations": layer_acts})))
+            del W
+            doc = read_meta(stem)
+            stored = doc.get("config", {}).get("request")
             if stored == request:
-                results[name] = load_result(stem)
+                metrics[name] = doc["metrics"]
+                if path is None:
+                    results[name] = load_result(stem)
+                finished_here.append(name)
                 continue
             if not overwrite:
                 diff = sorted(k for k in set(request) | set(stored or {})
@@ -205,38 +294,39 @@ def optimize_model(weights: Mapping[str, object], out_dir, *, method: str = "lor
                 raise ValueError(f"{str(stem)!r} holds layer {name!r} computed with a different "
                                  f"config (differs in {diff}); use overwrite=True (--overwrite) "
                                  f"or another output folder")
-        jobs.append((name, W, method, kw, str(stem), request))
+        if path is None:
+            request = _request(name, todo[name], method, dict(kw, **(
+                {} if layer_acts is None else {"activations": layer_acts})))
+            args = (name, cluster.scatter(todo[name]), None, None, method, kw, request)
+        else:
+            args = (name, None, str(path), None, method, kw, None)
+        if layer_acts is not None:
+            args = args[:3] + (cluster.scatter(layer_acts),) + args[4:]
+        items.append((name, args))
     total, done = len(todo), 0
-    for name in todo:
-        if name in results:
-            done += 1
-            if progress is not None:
-                progress(name, results[name], done, total)
-
-    def finished(name, res):
-        nonlocal done
-        results[name] = res
+    for name in finished_here:
         done += 1
         if progress is not None:
-            progress(name, res, done, total)
+            progress(name, results[name] if path is None else load_result(out / stems[name]),
+                     done, total)
 
-    if processes == 1 or len(jobs) <= 1:
-        for job in jobs:
-            finished(*_work(job))
-    else:
-        ex = _pool(processes)
-        # largest layers first, so that no worker is left with a big one at the end
-        order = sorted(jobs, key=lambda job: -job[1].size)
-        futures = [ex.submit(_work, job) for job in order]
-        try:
-            for fut in cf.as_completed(futures):
-                finished(*fut.result())
-        except BaseException:
-            _discard_pool(processes)
-            raise
-    ordered = {name: results[name] for name in todo}
+    # largest layers first, so that no worker is left with a big one at the end
+    priority = {name: shapes[name][0] * shapes[name][1] for name, _ in items}
+    with (cluster.connect(workers=workers) if client is None and items
+          else nullcontext(client)) as c:
+        for name, res in cluster.map_layers(_layer_task, items, client=c, priority=priority):
+            save_result(res, out / stems[name])  # atomic; the JSON last
+            metrics[name] = res.metrics()
+            if path is None:
+                results[name] = res
+            done += 1
+            if progress is not None:
+                progress(name, res, done, total)
     index = {"method": method, "layers": {
-        name: {"stem": stems[name], **res.metrics()} for name, res in ordered.items()},
+        name: {"stem": stems[name], **metrics[name]} for name in todo},
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_atomic(out / "index.json", json.dumps(index, indent=1) + "\n")
-    return ordered
+    if path is None:
+        return {name: results[name] for name in todo}
+    return StoredResults(out, stems, {name: metrics[name] for name in todo})
+

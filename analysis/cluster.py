@@ -1,0 +1,352 @@
+"""The one engine for per-layer work: Dask distributed (or this process alone).
+
+API (everything the rest of the toolkit uses)::
+
+    from analysis import cluster
+
+    # 1. a client: None (run in this process), a LocalCluster, or an existing scheduler
+    with cluster.connect() as client:                        # None: in-process, no cluster
+    with cluster.connect(workers=4) as client:               # LocalCluster, 4 processes x 1 thread
+    with cluster.connect(scheduler="tcp://10.0.0.5:8786") as client:
+    with cluster.connect(scheduler="tls://10.0.0.5:8786", tls_ca_file="ca.pem",
+                         tls_cert="client.pem", tls_key="client.key") as client:
+
+    # 2. the same from the command line
+    cluster.add_cluster_arguments(parser)          # --workers --scheduler --tls-ca-file ...
+    with cluster.client_from_args(args) as client:
+        ...
+
+    # 3. a pure per-layer function over layers, results as they complete
+    items = [(name, (cluster.scatter(W), other_args...)) for name, W in weights.items()]
+    for name, result in cluster.map_layers(fit_one, items, client=client,
+                                           priority={name: W.size for ...}):
+        save(name, result)                      # the client owns every write
+
+``connect(workers=None, scheduler=None, *, tls_ca_file=None, tls_cert=None,
+tls_key=None, threads_per_worker=1, connect_timeout=10.0)`` yields
+
+* ``None`` when ``workers`` is None or 1 and there is no ``scheduler``: the
+  caller runs everything in this process (``map_layers(client=None)`` does);
+* a ``distributed.Client`` of a ``LocalCluster(n_workers=workers,
+  threads_per_worker=1, processes=True)`` whose scheduler, workers and nannies
+  listen on 127.0.0.1 only and which has no dashboard; the cluster is closed
+  when the block ends;
+* a ``Client`` of the scheduler at ``scheduler`` (``tcp://HOST:PORT``, or
+  ``tls://HOST:PORT`` with mutual TLS through ``distributed.Security``: the CA
+  that signed the scheduler's and workers' certificates, and this client's
+  certificate and key). The client is closed at the end; the cluster is not.
+
+Before yielding a client it checks that (1) the scheduler answers within
+``connect_timeout`` seconds (else ``ClusterError`` naming the address: never a
+hang), (2) at least one worker is connected within that time, and (3) every
+worker runs the same Python, the same versions of the packages in
+``CHECKED_PACKAGES`` and the same toolkit source (SHA-256 of the ``numfmt``,
+``hwsim`` and ``analysis`` .py files) as the client, so results are the same
+bits as a serial run; otherwise ``ClusterError`` names the package, the
+client's version and each differing worker's. ``workers=0``, a negative or
+non-int count, ``workers`` together with ``scheduler``, a scheme other than
+tcp:// or tls://, TLS files with tcp:// or tls:// without them are refused
+with ``ValueError`` before anything starts. ``ClusterError`` is a ValueError,
+so the command line prints it as one line (exit code 2).
+
+``map_layers(fn, items, *, client=None, retries=1, priority=None)`` calls
+``fn(*args)`` for each ``(name, args)`` of ``items`` and yields ``(name,
+result)`` in completion order. With a client each call is one Dask task
+(``client.submit``, higher ``priority[name]`` first); an argument wrapped in
+``scatter(value)`` is sent to the cluster once (``client.scatter``) and the
+task receives the value. A task whose worker dies is rerun on another worker
+by the scheduler (up to ``distributed.scheduler.allowed-failures``, 3 by
+default); a task that raises is retried ``retries`` times, then its exception
+is raised here and the remaining tasks are cancelled. ``fn`` must be pure and
+importable on the workers (a module-level function of the toolkit). Without a
+client the calls run here, in the order of ``items``.
+
+Security: a Dask scheduler runs whatever code a connected client sends it.
+A LocalCluster therefore listens on 127.0.0.1 only; a tcp:// scheduler belongs
+on a trusted network only; anything else needs tls:// with certificates.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import platform
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["connect", "client_from_args", "add_cluster_arguments", "map_layers", "scatter",
+           "Scatter", "ClusterError", "environment", "describe", "CHECKED_PACKAGES"]
+
+# Packages whose versions must match between client and workers (distribution names).
+CHECKED_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "tornado", "toolz",
+                    "numpy", "torch", "numba", "safetensors", "loraq-toolkit")
+_SOURCE_PACKAGES = ("numfmt", "hwsim", "analysis")
+_SCHEMES = ("tcp://", "tls://")
+
+
+class ClusterError(ValueError):
+    """The cluster cannot be used: unreachable, no workers, or mismatched workers."""
+
+
+class Scatter:
+    """An argument of ``map_layers`` sent to the cluster once (see ``scatter``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def scatter(value) -> Scatter:
+    """Mark ``value`` (an array) to be sent to the cluster once by ``map_layers``."""
+    return Scatter(value)
+
+
+# --- environment check --------------------------------------------------------
+def _source_fingerprint() -> str:
+    """SHA-256 over the relative paths and bytes of the toolkit's .py files."""
+    import importlib
+
+    h = hashlib.sha256()
+    for pkg in _SOURCE_PACKAGES:
+        root = Path(importlib.import_module(pkg).__file__).parent
+        for p in sorted(root.rglob("*.py")):
+            if "__pycache__" in p.parts:
+                continue
+            h.update(f"{pkg}/{p.relative_to(root).as_posix()}\0".encode())
+            h.update(p.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def environment() -> dict[str, str]:
+    """Python version, versions of ``CHECKED_PACKAGES`` and the toolkit source hash here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"python": platform.python_version()}
+    for pkg in CHECKED_PACKAGES:
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            env[pkg] = "not installed"
+    env["toolkit source sha256"] = _source_fingerprint()
+    return env
+
+
+def _check_environment(client) -> None:
+    mine = environment()
+    try:
+        theirs = client.run(environment)
+    except Exception as exc:  # e.g. a worker without the toolkit cannot unpickle the call
+        raise ClusterError(f"could not read the workers' package versions ({type(exc).__name__}: "
+                           f"{exc}); install the same toolkit and packages on every worker") from None
+    # A source file saved while the workers were hashing is not a mismatch: accept the
+    # client's hash from before or after the call.
+    source_key = "toolkit source sha256"
+    also = _source_fingerprint()
+    for env in theirs.values():
+        if env.get(source_key) == also:
+            env[source_key] = mine[source_key]
+    problems = []
+    for key, want in mine.items():
+        bad = {addr: env.get(key, "missing") for addr, env in sorted(theirs.items())
+               if env.get(key, "missing") != want}
+        if bad:
+            shown = ", ".join(f"{addr}: {v}" for addr, v in bad.items())
+            problems.append(f"{key} {want} on the client but {shown}")
+    if problems:
+        raise ClusterError("workers differ from the client, so their results could differ: "
+                           + "; ".join(problems) + "; install the same versions everywhere")
+
+
+# --- connecting ---------------------------------------------------------------
+def _check_options(workers, scheduler, tls_ca_file, tls_cert, tls_key, threads_per_worker,
+                   connect_timeout):
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"workers must be an int >= 1 or None, got {workers!r}")
+        if workers < 1:
+            raise ValueError(f"workers={workers} is not allowed; give N >= 1 worker processes "
+                             f"(1 runs in this process)")
+    if isinstance(threads_per_worker, bool) or not isinstance(threads_per_worker, int) \
+            or threads_per_worker < 1:
+        raise ValueError(f"threads_per_worker={threads_per_worker!r} must be an int >= 1")
+    if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) \
+            or not connect_timeout > 0:
+        raise ValueError(f"connect_timeout={connect_timeout!r} must be a number of seconds > 0")
+    tls = {"tls_ca_file": tls_ca_file, "tls_cert": tls_cert, "tls_key": tls_key}
+    given = [k for k, v in tls.items() if v is not None]
+    if scheduler is None:
+        if given:
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} need a "
+                             f"--scheduler tls://HOST:PORT")
+        return
+    if workers is not None:
+        raise ValueError(f"give either workers={workers} (a local cluster) or "
+                         f"scheduler={scheduler!r} (an existing one), not both")
+    if not isinstance(scheduler, str) or not scheduler.startswith(_SCHEMES) \
+            or ":" not in scheduler.split("://", 1)[1]:
+        raise ValueError(f"scheduler={scheduler!r} must be tcp://HOST:PORT or tls://HOST:PORT")
+    if scheduler.startswith("tcp://") and given:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to a "
+                         f"tls:// scheduler, not {scheduler!r}")
+    if scheduler.startswith("tls://"):
+        missing = [k for k in ("tls_ca_file", "tls_cert") if tls[k] is None]
+        if missing:
+            raise ValueError(f"scheduler {scheduler!r} uses TLS: give "
+                             f"{' and '.join('--' + k.replace('_', '-') for k in missing)} "
+                             f"(and --tls-key unless the key is in the certificate file)")
+        for k in given:
+            if not Path(tls[k]).is_file():
+                raise FileNotFoundError(f"--{k.replace('_', '-')} file {str(tls[k])!r} does "
+                                        f"not exist")
+
+
+@contextmanager
+def connect(workers: int | None = None, scheduler: str | None = None, *,
+            tls_ca_file=None, tls_cert=None, tls_key=None, threads_per_worker: int = 1,
+            connect_timeout: float = 10.0) -> Iterator[object]:
+    """Yield None (in-process), a LocalCluster's client, or a scheduler's client.
+
+    See the module docstring for the semantics and the errors.
+    """
+    _check_options(workers, scheduler, tls_ca_file, tls_cert, tls_key, threads_per_worker,
+                   connect_timeout)
+    if scheduler is None and workers in (None, 1):
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is None:
+        local = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                             processes=True, host="127.0.0.1", dashboard_address=None,
+                             silence_logs=logging.ERROR)
+        try:
+            client = Client(local, set_as_default=False)
+            try:
+                _check_environment(client)
+                yield client
+            finally:
+                client.close()
+        finally:
+            local.close()
+        return
+
+    security = None
+    if scheduler.startswith("tls://"):
+        from distributed.security import Security
+
+        security = Security(tls_ca_file=str(tls_ca_file), tls_client_cert=str(tls_cert),
+                            tls_client_key=None if tls_key is None else str(tls_key),
+                            require_encryption=True)
+    try:
+        client = Client(scheduler, security=security, timeout=connect_timeout,
+                        set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        hint = ("check the address, that `dask scheduler` runs there and is reachable"
+                + (", and that its certificates are signed by --tls-ca-file's CA"
+                   if security is not None else ""))
+        raise ClusterError(f"cannot connect to the Dask scheduler {scheduler!r} within "
+                           f"{connect_timeout:g} s ({exc}); {hint}") from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=connect_timeout)
+        except (OSError, TimeoutError):
+            raise ClusterError(f"the Dask scheduler {scheduler!r} has no workers after "
+                               f"{connect_timeout:g} s; start some with `dask worker "
+                               f"{scheduler}`") from None
+        _check_environment(client)
+        yield client
+    finally:
+        client.close()
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --workers, --scheduler, --tls-ca-file, --tls-cert, --tls-key to ``parser``."""
+    g = parser.add_argument_group(
+        "cluster (Dask distributed)",
+        "Per-layer work runs in this process by default. A tcp:// scheduler runs any code a "
+        "client sends: use it on a trusted network only, otherwise tls://.")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="start a local Dask cluster of N worker processes (1 thread each), "
+                   "listening on 127.0.0.1 only (default: run in this process)")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="join an existing cluster (`dask scheduler` + `dask worker`): "
+                   "tcp://HOST:PORT on a trusted network, or tls://HOST:PORT with the --tls-* "
+                   "files")
+    g.add_argument("--tls-ca-file", default=None, metavar="PEM",
+                   help="CA certificate that signed the scheduler's and workers' certificates")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="this client's certificate")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="this client's private key")
+
+
+def client_from_args(args: argparse.Namespace):
+    """``connect(...)`` from the options ``add_cluster_arguments`` added (a context manager)."""
+    return connect(workers=args.workers, scheduler=args.scheduler,
+                   tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+def describe(client) -> str:
+    """One line: where the work runs."""
+    if client is None:
+        return "in this process"
+    return f"Dask scheduler {client.scheduler.address}, {len(client.nthreads())} worker(s)"
+
+
+# --- mapping ------------------------------------------------------------------
+def map_layers(fn: Callable, items: Iterable[tuple[str, tuple]], *, client=None,
+               retries: int = 1, priority: Mapping[str, float] | None = None
+               ) -> Iterator[tuple[str, object]]:
+    """Yield ``(name, fn(*args))`` for each ``(name, args)`` in ``items``, as they complete.
+
+    See the module docstring. ``priority`` maps names to numbers; larger runs
+    first on a cluster (e.g. the weight's size, so that no worker is left with
+    a big layer at the end).
+    """
+    items = list(items)
+    names = [name for name, _ in items]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"map_layers: layer names must be unique, repeated: {dup[:5]}")
+    for name, args in items:
+        if not isinstance(args, tuple):
+            raise TypeError(f"map_layers: the arguments of {name!r} must be a tuple, got "
+                            f"{type(args).__name__}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries={retries!r} must be an int >= 0")
+    if client is None:
+        for name, args in items:
+            yield name, fn(*(a.value if isinstance(a, Scatter) else a for a in args))
+        return
+    yield from _map_on_cluster(fn, items, client, retries, priority or {})
+
+
+def _map_on_cluster(fn, items, client, retries, priority):
+    from distributed import as_completed
+
+    marked = [(i, j) for i, (_, args) in enumerate(items) for j, a in enumerate(args)
+              if isinstance(a, Scatter)]
+    sent = client.scatter([items[i][1][j].value for i, j in marked], hash=False) if marked \
+        else []
+    args_of = [list(args) for _, args in items]
+    for (i, j), fut in zip(marked, sent):
+        args_of[i][j] = fut
+    run = uuid.uuid4().hex[:8]
+    futures = {}
+    try:
+        for (name, _), args in zip(items, args_of):
+            fut = client.submit(fn, *args, key=f"layer-{run}-{name}", pure=False,
+                                retries=retries, priority=priority.get(name, 0))
+            futures[fut] = name
+        for fut in as_completed(list(futures), loop=client.loop):
+            name = futures.pop(fut)
+            result = fut.result()  # re-raises the task's own exception
+            fut.release()
+            yield name, result
+    finally:
+        if futures:
+            client.cancel(list(futures))
+        if sent:
+            client.cancel(sent)
