@@ -38,6 +38,7 @@ an interrupted run redoes nothing that finished.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,7 +53,7 @@ from torch import nn
 import numfmt
 from hwsim.cost import CONFIG_GRAMMAR, Config, layer_cost, parse_config
 from numfmt.fileio import write_json_atomic
-from analysis.layers import QuantLinear, restore_linears, sum_squares, swap_linears
+from analysis.layers import QuantLinear, sum_squares
 
 __all__ = [
     "DEFAULT_CONFIGS", "METHODS", "parse_configs", "method_for", "quantize_weight",
@@ -71,9 +72,15 @@ SVDQUANT_GRID = ((0.5,), (0.5,))
 # --------------------------------------------------------------------------- configs
 
 
+NOSMOOTH = "-nosmooth"
+
+
 def parse_configs(configs, main="mxint4", branch="mxint") -> list[Config]:
     """Parse a comma-separated string or a list of configuration strings.
 
+    A quantized-branch (LoRaQ) configuration may end in ``-nosmooth``
+    (``W4A4+W8A8-nosmooth``): the purely data-free variant, without the
+    smoothing search that LoRaQ otherwise runs first.
     Raises ``ValueError`` with the grammar for a bad string, and for duplicates.
     """
     if isinstance(configs, str):
@@ -81,13 +88,35 @@ def parse_configs(configs, main="mxint4", branch="mxint") -> list[Config]:
     else:
         items = [c if isinstance(c, Config) else str(c).strip() for c in configs]
     if not items:
-        raise ValueError(f"no configurations given; grammar: {CONFIG_GRAMMAR}")
-    out = [c if isinstance(c, Config) else parse_config(c, main=main, branch=branch) for c in items]
+        raise ValueError(f"no configurations given; grammar: {CONFIG_GRAMMAR}[{NOSMOOTH}]")
+    out = []
+    for c in items:
+        if isinstance(c, Config):
+            out.append(c)
+            continue
+        nosmooth = c.endswith(NOSMOOTH)
+        cfg = parse_config(c[:-len(NOSMOOTH)] if nosmooth else c, main=main, branch=branch)
+        if nosmooth:
+            if not cfg.has_branch or cfg.fp16_branch:
+                raise ValueError(f"configuration {c!r}: {NOSMOOTH} applies to a quantized "
+                                 "(LoRaQ) branch only, e.g. W4A4+W8A8-nosmooth")
+            cfg = dataclasses.replace(cfg, name=cfg.name + NOSMOOTH)
+        out.append(cfg)
     names = [c.name for c in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"configurations {dup} are given more than once")
     return out
+
+
+def smoothed(config: Config, smoothing: bool = True) -> bool:
+    """Whether ``config`` runs the smoothing search (SVDQuant always; LoRaQ unless
+    ``-nosmooth`` or ``smoothing`` is False; RTN never)."""
+    if not config.has_branch:
+        return False
+    if config.fp16_branch:
+        return True
+    return smoothing and not config.name.endswith(NOSMOOTH)
 
 
 def method_for(config: Config) -> str:
@@ -103,16 +132,21 @@ def _fmt_name(f) -> str:
 
 def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None, seed: int = 0,
                     steps: int | None = None, activations: np.ndarray | None = None,
-                    svdquant_grid=SVDQUANT_GRID):
+                    svdquant_grid=SVDQUANT_GRID, ref_rank: int = 32, smoothing: bool = True):
     """Quantize one weight (out x in) for ``config`` with ``method`` (default ``method_for``).
 
-    ``activations`` (tokens x in, float32) are passed to SVDQuant for its
-    smoothing, searched over ``svdquant_grid`` = (alphas, betas) (None: the
-    baseline's own grid); LoRaQ is data-free. FP16 branches use rank ``config.rank`` (32
-    if none); quantized branches ``config.rank`` or the equal-memory rank
-    against an FP16 rank-32 branch. Returns the ``analysis.loraq`` result.
+    ``activations`` (tokens x in, float32) feed the smoothing search over
+    ``svdquant_grid`` = (alphas, betas) (None: the baseline's own grid):
+    SVDQuant always smooths when given them; LoRaQ runs the same search first
+    and then its data-free optimization on W diag(lambda), unless ``smoothing``
+    is False or the configuration ends in ``-nosmooth`` (the paper's pipeline is
+    smoothing, then LoRaQ). FP16 branches use rank ``config.rank``, else
+    ``ref_rank`` capped at min(out, in) - 1; quantized branches ``config.rank``
+    or the equal-memory rank against an FP16 rank-``ref_rank`` branch. Returns
+    the ``analysis.loraq`` result.
     """
     from analysis import loraq
+    from analysis.loraq.baselines import smoothing_search
 
     method = method or method_for(config)
     if method not in METHODS:
@@ -122,15 +156,43 @@ def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None,
     if method == "rtn" or not config.has_branch:
         return loraq.rtn(W, main=main)
     branch = "fp16" if config.fp16_branch else _fmt_name(config.branch_weight)
+    grid = {} if svdquant_grid is None else {"alpha_grid": svdquant_grid[0],
+                                             "beta_grid": svdquant_grid[1]}
+    fp16_rank = config.rank or max(1, min(ref_rank, min(W.shape) - 1))
     if method == "svdquant":
-        kw = {} if svdquant_grid is None else {"alpha_grid": svdquant_grid[0],
-                                               "beta_grid": svdquant_grid[1]}
-        return loraq.svdquant(W, main=main, rank=config.rank or 32, activations=activations, **kw)
+        return loraq.svdquant(W, main=main, rank=fp16_rank, activations=activations, **grid)
     if method == "loraq":
         # a fixed step budget anneals to zero within it (cosine); None: the optimizer's
         # default, run until its plateau schedule has converged
         kw = {} if steps is None else {"steps": steps, "schedule": "cosine"}
-        return loraq.optimize(W, main=main, branch=branch, rank=config.rank, seed=seed, **kw)
+
+        def run(Ws):
+            return loraq.optimize(Ws, main=main, branch=branch, rank=config.rank, seed=seed,
+                                  ref_rank=ref_rank, **kw)
+
+        if activations is None or not smoothed(config, smoothing):
+            return run(W)
+        from analysis.loraq.baselines import ALPHA_GRID, BETA_GRID, svdquant
+        from analysis.loraq.checks import as_activations
+        from analysis.loraq.common import build_result
+
+        X = as_activations(activations, W.shape[1])
+        W64 = W.astype(np.float64)
+        alphas = tuple(grid.get("alpha_grid", ALPHA_GRID))
+        betas = tuple(grid.get("beta_grid", BETA_GRID))
+
+        def fit(Ws):  # SVDQuant's criterion picks lambda; then LoRaQ fits the smoothed weight
+            r = svdquant(Ws, main=main, rank=fp16_rank)
+            return r.main, r.left, r.right, r.history
+
+        lam, chosen, _ = (smoothing_search(W64, X, alphas, betas, fit) if len(alphas) * len(betas) > 1
+                          else smoothing_search(W64, X, alphas, betas, lambda Ws: None))
+        res = run((W64 * lam[None, :]).astype(np.float32))
+        return build_result(W64, res.main, res.left, res.right, method="loraq",
+                            main_format=res.main_format, branch_format=res.branch_format,
+                            omega=res.omega, history=res.history, steps=res.steps,
+                            converged=res.converged, smooth=lam, X=X,
+                            config=dict(res.config, smoothing=list(chosen)))
     fn = getattr(loraq, method)
     return fn(W, main=main, branch=branch, rank=config.rank)
 
@@ -283,9 +345,14 @@ def _row_mask(batch) -> torch.Tensor | None:
     return None
 
 
-def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Flatten (..., F) to rows, keeping only rows where ``mask`` (B, T) is set."""
+def _rows(t: torch.Tensor, mask: torch.Tensor | None, channels_first: bool = False) -> torch.Tensor:
+    """Flatten (..., F) to rows, keeping only rows where ``mask`` (B, T) is set.
+
+    ``channels_first``: a 1 x 1 convolution's (B, C, H, W) tensor, one row per pixel.
+    """
     t = t.detach().to(torch.float32)
+    if channels_first and t.dim() == 4:
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
     if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
         return t[mask]
     return t.reshape(-1, t.shape[-1])
@@ -305,20 +372,26 @@ def _output_tensor(out) -> torch.Tensor:
 
 
 def _run(model: nn.Module, batches: Sequence, names: Sequence[str], *, inputs: bool,
-         outputs: bool = True) -> tuple[dict, dict, torch.Tensor]:
-    """Run ``batches``; capture each named linear's input / output rows and the model outputs."""
+         outputs: bool = True, per_batch: bool = False):
+    """Run ``batches``; capture each named layer's input / output rows and the model outputs.
+
+    Returns (inputs, outputs, finals): with ``per_batch`` each is a list per
+    batch ({name: rows} dicts and output tensors); else concatenated rows and
+    the finals flattened to rows and concatenated.
+    """
     cap_in: dict[str, list] = {n: [] for n in names}
     cap_out: dict[str, list] = {n: [] for n in names}
     state = {"mask": None}
     handles = []
     for name in names:
         mod = model.get_submodule(name)
+        conv = isinstance(mod, nn.Conv2d) or getattr(mod, "channels_first", False)
 
-        def hook(m, args, out, name=name):
+        def hook(m, args, out, name=name, conv=conv):
             if inputs:
-                cap_in[name].append(_rows(args[0], state["mask"]))
+                cap_in[name].append(_rows(args[0], state["mask"], conv))
             if outputs:
-                cap_out[name].append(_rows(out, state["mask"]))
+                cap_out[name].append(_rows(out, state["mask"], conv))
 
         handles.append(mod.register_forward_hook(hook))
     finals = []
@@ -326,12 +399,18 @@ def _run(model: nn.Module, batches: Sequence, names: Sequence[str], *, inputs: b
         with torch.inference_mode():
             for batch in batches:
                 state["mask"] = _row_mask(batch)
-                finals.append(_rows(_output_tensor(_call(model, batch)), None))
+                finals.append(_output_tensor(_call(model, batch)).detach().to(torch.float32))
     finally:
         for h in handles:
             h.remove()
+    if per_batch:
+        nb = len(finals)
+        split = lambda d: [{k: (v[i] if v else None) for k, v in d.items()}  # noqa: E731
+                           for i in range(nb)]
+        return split(cap_in), split(cap_out), finals
     cat = lambda d: {k: torch.cat(v) if v else None for k, v in d.items()}  # noqa: E731
-    return cat(cap_in), cat(cap_out), torch.cat(finals) if finals else torch.empty(0)
+    rows = [_rows(f, None) for f in finals]
+    return cat(cap_in), cat(cap_out), torch.cat(rows) if rows else torch.empty(0)
 
 
 def _check_batches(batches, what: str) -> list:
@@ -464,7 +543,8 @@ def _clean(x):
 
 
 def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, seed, steps,
-                     activations, cache: LayerCache | None, progress: _Progress) -> dict:
+                     activations, cache: LayerCache | None, progress: _Progress,
+                     ref_rank: int = 32, smoothing: bool = True) -> dict:
     """Quantize every weight for ``cfg``, loading finished layers from ``cache``.
 
     Runs on one torch thread: the optimizer's GEMMs are too small to gain from
@@ -479,7 +559,8 @@ def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, se
             res = cache.load(cfg.name, name) if cache is not None else None
             if res is None:
                 acts = None if activations is None else activations.get(name)
-                res = quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts)
+                res = quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts,
+                                      ref_rank=ref_rank, smoothing=smoothing)
                 if cache is not None:
                     cache.save(cfg.name, name, res)
             results[name] = res
@@ -489,43 +570,97 @@ def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, se
     return results
 
 
+def _check_ranks(cfgs, shapes: dict) -> None:
+    """An explicit branch rank larger than a layer's width is refused, naming the layer."""
+    for cfg in cfgs:
+        if not (cfg.has_branch and cfg.rank):
+            continue
+        for n, shp in shapes.items():
+            if cfg.rank > min(shp):
+                raise ValueError(f"configuration {cfg.name}: rank {cfg.rank} exceeds the width of "
+                                 f"layer {n} (out x in = {shp[0]} x {shp[1]}); the rank must be "
+                                 f"<= {min(shp)}, or give no r<rank> for the default rank")
+
+
+def _group_sqnr(fp: list, q: list, groups: list) -> dict:
+    """{group: SQNR dB} over the batches of each group (rows of all its batches)."""
+    out = {}
+    for g in dict.fromkeys(groups):
+        idx = [i for i, gi in enumerate(groups) if gi == g]
+        out[str(g)] = sqnr_db(torch.cat([fp[i] for i in idx]), torch.cat([q[i] for i in idx]))
+    return out
+
+
+def _agg(by_group: dict | None) -> tuple[float | None, float | None]:
+    if not by_group:
+        return None, None
+    v = [x for x in by_group.values() if x is not None and math.isfinite(x)]
+    return (float(np.mean(v)), float(min(v))) if v else (None, None)
+
+
 def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluation=None, *,
             main="mxint4", branch="mxint", seed: int = 0, steps: int | None = None,
             tokens: int = DEFAULT_TOKENS, mode: str = "fast", methods: dict | None = None,
-            cache_dir=None, cache_key: str = "", progress=None) -> dict:
-    """Analyze every ``nn.Linear`` of ``model`` under each configuration.
+            cache_dir=None, cache_key: str = "", progress=None, layers: Sequence[str] | None = None,
+            groups: Sequence | None = None, end_metric=None, smoothing: bool = True,
+            ref_rank: int = 32) -> dict:
+    """Analyze the quantizable layers of ``model`` under each configuration.
 
+    ``layers``: names of ``nn.Linear`` / 1 x 1 ``nn.Conv2d`` modules (default:
+    every one, ``analysis.models.quantizable_layers``).
     ``calibration`` / ``evaluation``: lists of batches, each a tensor (one
     positional input), a tuple (positional inputs) or a dict (keyword inputs;
     an ``attention_mask`` (B, T) restricts token statistics to real tokens).
-    Calibration activations feed SVDQuant's smoothing; every measurement is on
-    the evaluation batches (calibration is used when none are given).
-    ``methods`` maps a configuration name to a method in ``METHODS``.
+    Calibration activations feed the smoothing search (SVDQuant, and LoRaQ
+    unless ``smoothing`` is False or its configuration ends in ``-nosmooth``);
+    every measurement is on the evaluation batches (calibration is used when
+    none are given). ``groups``: one label per evaluation batch (a diffusion
+    timestep): each layer's local and propagated SQNR is then also given per
+    group (``*_by_timestep``) with its mean and worst. ``end_metric``: an
+    ``analysis.models.EndMetric`` (default: output cosine and nearest-neighbour
+    agreement). ``methods`` maps a configuration name to a method in ``METHODS``.
     Returns ``{"configs": {name: {...}}, "layer_names": [...]}`` (see
     ``analysis.report`` for the fields). The model is left unchanged.
     """
+    from analysis.models.base import OutputCosine, layer_weight, quantizable_layers
+
     cfgs = parse_configs(configs, main=main, branch=branch)
-    names = _linear_names(model)
+    names = list(layers) if layers is not None else quantizable_layers(model)[0]
     if not names:
-        raise ValueError("the model has no nn.Linear layers to analyze")
+        raise ValueError("the model has no nn.Linear or 1x1 nn.Conv2d layers to analyze")
     calibration = _check_batches(calibration, "calibration")
     evaluation = _check_batches(evaluation, "evaluation") if evaluation is not None else calibration
+    if groups is not None and len(groups) != len(evaluation):
+        raise ValueError(f"groups has {len(groups)} labels for {len(evaluation)} evaluation batches")
+    end_metric = end_metric or OutputCosine()
     prog = _Progress(progress)
     cache = LayerCache(cache_dir, cache_key) if cache_dir is not None else None
     mods = {n: model.get_submodule(n) for n in names}
-    weights = {n: mods[n].weight.detach().to(torch.float32).numpy().copy() for n in names}
+    weights = {n: layer_weight(mods[n]).to(torch.float32).numpy().copy() for n in names}
+    _check_ranks(cfgs, {n: w.shape for n, w in weights.items()})
     biases = {n: (None if mods[n].bias is None else mods[n].bias.detach().to(torch.float32).clone())
               for n in names}
 
-    need_acts = any(((methods or {}).get(c.name) or method_for(c)) == "svdquant" for c in cfgs)
+    def _method(c):
+        return (methods or {}).get(c.name) or method_for(c)
+
+    need_acts = any(_method(c) == "svdquant" or (_method(c) == "loraq" and smoothed(c, smoothing))
+                    for c in cfgs)
     acts = None
     if need_acts:
         cal_in, _, _ = _run_checked(model, calibration, names, "calibration", inputs=True,
                                     outputs=False)
         acts = {n: cal_in[n].numpy() for n in names}
+        del cal_in
     else:
         _run_checked(model, calibration[:1], [], "calibration", inputs=False, outputs=False)
-    fp_in, fp_out, fp_final = _run_checked(model, evaluation, names, "evaluation", inputs=True)
+    fp_in_b, fp_out_b, fp_final_b = _run_checked(model, evaluation, names, "evaluation",
+                                                 inputs=True, per_batch=True)
+    fp_in = {n: torch.cat([b[n] for b in fp_in_b]) for n in names}
+    fp_out = {n: torch.cat([b[n] for b in fp_out_b]) for n in names}
+    bounds = {n: np.cumsum([0] + [b[n].shape[0] for b in fp_in_b]) for n in names}
+    del fp_in_b
+    ref = end_metric.reference(model, fp_final_b)
 
     out = {"layer_names": names, "configs": {}}
     for cfg in cfgs:
@@ -535,30 +670,85 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
             out["configs"][cfg.name] = done
             continue
         results = _optimize_layers(weights, cfg, methods=methods, seed=seed, steps=steps,
-                                   activations=acts, cache=cache, progress=prog)
-        qmods = {n: QuantLinear.from_result(results[n], cfg, bias=biases[n], mode=mode, name=n)
-                 for n in names}
-        layers = []
+                                   activations=acts if smoothed(cfg, smoothing) else None,
+                                   cache=cache, progress=prog, ref_rank=ref_rank,
+                                   smoothing=smoothing)
+        qmods = {n: _quant_module(mods[n], results[n], cfg, biases[n], mode, n) for n in names}
+        recs = []
         for n in names:
             q = qmods[n]
             q.collect_stats = True
             with torch.inference_mode():
-                yq = q(fp_in[n])
+                yq = q.linear_rows(fp_in[n]) if hasattr(q, "linear_rows") else q(fp_in[n])
             q.collect_stats = False
-            layers.append(_layer_record(
-                n, weights[n], results[n], q, cfg, methods, tokens,
-                {"act_error": q.stats.act_error, "branch_act_error": q.stats.branch_act_error,
-                 "local_sqnr_db": sqnr_db(fp_out[n], yq)}, q.stats.acc_bits_observed))
-        originals = swap_linears(model, lambda n, m: qmods[n])
+            measured = {"act_error": q.stats.act_error, "branch_act_error": q.stats.branch_act_error,
+                        "local_sqnr_db": sqnr_db(fp_out[n], yq)}
+            if groups is not None:
+                b = bounds[n]
+                parts_fp = [fp_out[n][b[i]:b[i + 1]] for i in range(len(evaluation))]
+                parts_q = [yq[b[i]:b[i + 1]] for i in range(len(evaluation))]
+                by = _group_sqnr(parts_fp, parts_q, list(groups))
+                measured["local_sqnr_db_by_timestep"] = by
+                measured["local_sqnr_db_mean_t"], measured["local_sqnr_db_worst_t"] = _agg(by)
+            recs.append(_layer_record(n, weights[n], results[n], q, cfg, methods, tokens,
+                                      measured, q.stats.acc_bits_observed))
+        originals = _swap(model, qmods)
         try:
-            _, q_out, q_final = _run(model, evaluation, names, inputs=False)
+            _, q_out_b, q_final_b = _run(model, evaluation, names, inputs=False, per_batch=True)
+            end = end_metric.measure(model, q_final_b, ref)
         finally:
-            restore_linears(model, originals)
-        for rec in layers:
-            rec["propagated_sqnr_db"] = sqnr_db(fp_out[rec["name"]], q_out[rec["name"]])
-        _store_entry(cfg, layers, end_metrics(fp_final.numpy(), q_final.numpy()),
-                     sqnr_db(fp_final, q_final), cache, out, prog)
+            _swap(model, originals)
+        for rec in recs:
+            n = rec["name"]
+            q_rows = [b[n] for b in q_out_b]
+            rec["propagated_sqnr_db"] = sqnr_db(fp_out[n], torch.cat(q_rows))
+            if groups is not None:
+                b = bounds[n]
+                parts_fp = [fp_out[n][b[i]:b[i + 1]] for i in range(len(evaluation))]
+                by = _group_sqnr(parts_fp, q_rows, list(groups))
+                rec["propagated_sqnr_db_by_timestep"] = by
+                rec["propagated_sqnr_db_mean_t"], rec["propagated_sqnr_db_worst_t"] = _agg(by)
+        fp_rows = torch.cat([_rows(f, None) for f in fp_final_b])
+        q_rows = torch.cat([_rows(f, None) for f in q_final_b])
+        _store_entry(cfg, recs, end, sqnr_db(fp_rows, q_rows), cache, out, prog)
     return out
+
+
+def _quant_module(mod: nn.Module, result, cfg: Config, bias, mode: str, name: str) -> nn.Module:
+    """The simulated quantized replacement of a linear or 1 x 1 conv layer."""
+    if isinstance(mod, nn.Conv2d):
+        return QuantConv1x1.from_result(result, cfg, bias=bias, mode=mode, name=name)
+    return QuantLinear.from_result(result, cfg, bias=bias, mode=mode, name=name)
+
+
+def _swap(model: nn.Module, new: dict) -> dict:
+    """Set each named submodule to ``new[name]``; returns the ones replaced."""
+    from analysis.layers import _set_submodule
+
+    old = {n: model.get_submodule(n) for n in new}
+    for n, m in new.items():
+        _set_submodule(model, n, m)
+    return old
+
+
+class QuantConv1x1(QuantLinear):
+    """A simulated quantized 1 x 1 convolution: ``QuantLinear`` over channels at each pixel.
+
+    Input and output are (B, C, H, W); ``linear_rows`` takes (pixels, C) rows.
+    """
+
+    channels_first = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"layer {self.name} is a 1x1 convolution and expects (B, C, H, W) "
+                             f"input, got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, c))
+        return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def linear_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return super().forward(rows)
 
 
 def _layer_record(n, W, result, q, cfg, methods, tokens, measured: dict, observed) -> dict:
@@ -594,7 +784,7 @@ def _formats(cfg: Config) -> dict:
 def analyze_weights(weights: Mapping[str, np.ndarray], configs=DEFAULT_CONFIGS, *, main="mxint4",
                     branch="mxint", seed: int = 0, steps: int | None = None,
                     tokens: int = DEFAULT_TOKENS, methods: dict | None = None, cache_dir=None,
-                    cache_key: str = "", progress=None) -> dict:
+                    cache_key: str = "", progress=None, ref_rank: int = 32) -> dict:
     """Weights-only analysis of every 2-D weight (out x in) in ``weights``.
 
     Per layer: weight error, accumulator bounds (worst case, l1) and cost; no
@@ -606,6 +796,7 @@ def analyze_weights(weights: Mapping[str, np.ndarray], configs=DEFAULT_CONFIGS, 
     if not mats:
         raise ValueError("the weights hold no 2-D floating tensor (out x in) to analyze")
     cfgs = parse_configs(configs, main=main, branch=branch)
+    _check_ranks(cfgs, {n: w.shape for n, w in mats.items()})
     prog = _Progress(progress)
     cache = LayerCache(cache_dir, cache_key) if cache_dir is not None else None
     out = {"layer_names": list(mats), "configs": {}}
@@ -616,7 +807,7 @@ def analyze_weights(weights: Mapping[str, np.ndarray], configs=DEFAULT_CONFIGS, 
             out["configs"][cfg.name] = done
             continue
         results = _optimize_layers(mats, cfg, methods=methods, seed=seed, steps=steps,
-                                   activations=None, cache=cache, progress=prog)
+                                   activations=None, cache=cache, progress=prog, ref_rank=ref_rank)
         layers = []
         for n, W in mats.items():
             q = QuantLinear.from_result(results[n], cfg, name=n)

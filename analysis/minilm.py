@@ -298,100 +298,21 @@ def linear_weights(weights: Mapping[str, np.ndarray] | None = None) -> dict[str,
 
 
 # --------------------------------------------------------------------------- model
-# Module names mirror the checkpoint's parameter names, so state_dict keys ==
-# safetensors keys and load_state_dict checks every name and shape for us.
+# The encoder is transformers' BertModel. Its submodules are registered directly on
+# MiniLM (embeddings, encoder), so module names == checkpoint parameter names.
 
 
-class _Embeddings(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_positions, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+def _bert_config(config: "MiniLMConfig"):
+    from transformers import BertConfig
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
-             + self.token_type_embeddings(token_type_ids))
-        return self.LayerNorm(x)
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.head_size = config.head_size
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, T, d); ``mask_bias`` (B, 1, 1, T): 0 for tokens, float32 min for padding."""
-        batch, length, _ = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, H, T, d_head)
-            return t.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
-
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_size) + mask_bias
-        context = torch.softmax(scores, dim=-1) @ v
-        return context.transpose(1, 2).reshape(batch, length, -1)
-
-
-class _DenseResidualNorm(nn.Module):
-    """``LayerNorm(residual + dense(x))``: BERT's "output" blocks."""
-
-    def __init__(self, in_features: int, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(in_features, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(residual + self.dense(x))
-
-
-class _Attention(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        # The checkpoint calls the attention core "self"; a legal attribute name.
-        setattr(self, "self", _SelfAttention(config))
-        self.output = _DenseResidualNorm(config.hidden_size, config)
-
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        return self.output(getattr(self, "self")(x, mask_bias), x)
-
-
-class _Intermediate(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.gelu(self.dense(x))  # exact erf GELU, as the checkpoint
-
-
-class _Layer(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.attention = _Attention(config)
-        self.intermediate = _Intermediate(config)
-        self.output = _DenseResidualNorm(config.intermediate_size, config)
-
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, mask_bias)
-        return self.output(self.intermediate(x), x)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, config: MiniLMConfig) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(_Layer(config) for _ in range(config.num_layers))
-
-    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, mask_bias)
-        return x
+    return BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                      num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                      intermediate_size=config.intermediate_size, hidden_act="gelu",
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      max_position_embeddings=config.max_positions,
+                      type_vocab_size=config.type_vocab_size,
+                      layer_norm_eps=config.layer_norm_eps, pad_token_id=0,
+                      attn_implementation="eager")
 
 
 # Checkpoint tensors the sentence embedding does not use: BERT's CLS pooler
@@ -400,25 +321,44 @@ UNUSED_KEYS = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_
 
 
 class MiniLM(nn.Module):
-    """all-MiniLM-L6-v2's encoder plus mean pooling and L2 normalisation.
+    """all-MiniLM-L6-v2's encoder (``transformers.BertModel``) plus mean pooling and L2
+    normalisation.
 
-    Built empty (PyTorch's default random init) from a :class:`MiniLMConfig`;
-    :meth:`from_pretrained` fills it with the real weights. Inference only:
-    ``from_pretrained`` returns it in eval mode with frozen float32 parameters
-    (there is no dropout in this module anyway).
+    Built empty (random init) from a :class:`MiniLMConfig`; :meth:`from_pretrained`
+    loads the real model with ``BertModel.from_pretrained(dir, local_files_only=True)``
+    from the package's directory (config.json + model.safetensors), or fills it from
+    a weights file. Inference only: it is returned in eval mode with frozen float32
+    parameters and no dropout.
     """
 
-    def __init__(self, config: MiniLMConfig | None = None) -> None:
+    def __init__(self, config: MiniLMConfig | None = None, bert=None) -> None:
         super().__init__()
+        from transformers import BertModel
+
         self.config = config or MiniLMConfig()
-        self.embeddings = _Embeddings(self.config)
-        self.encoder = _Encoder(self.config)
+        if bert is None:
+            bert = BertModel(_bert_config(self.config), add_pooling_layer=False)
+        # The BertModel itself is kept outside the module tree; its two children are
+        # registered here, so names, state_dict keys and swaps match the checkpoint.
+        object.__setattr__(self, "_bert", bert)
+        self.embeddings = bert.embeddings
+        self.encoder = bert.encoder
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> "MiniLM":
-        """The model with the weights of ``path`` (default: the package's safetensors)."""
-        model = cls()
-        model.load_weights(load_weights(path), source=path or "package weights")
+        """The model with the weights of ``path`` (default: the package's directory, loaded by
+        transformers' ``from_pretrained``), a weights file or a directory with config.json."""
+        from transformers import BertModel
+
+        directory = model_dir() if path is None else Path(path)
+        if directory.is_dir():
+            bert = BertModel.from_pretrained(str(directory), local_files_only=True,
+                                             use_safetensors=True, add_pooling_layer=False,
+                                             attn_implementation="eager")
+            model = cls(bert=bert)
+        else:
+            model = cls()
+            model.load_weights(load_weights(path), source=path)
         model.eval()
         model.requires_grad_(False)
         return model
@@ -508,11 +448,9 @@ class MiniLM(nn.Module):
         mask = self._check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        # Additive bias on the attention scores: 0 for keys that are tokens,
-        # the most negative float32 for padding, so softmax gives them weight 0.
-        mask_bias = (1.0 - mask)[:, None, None, :] * torch.finfo(torch.float32).min
-        x = self.embeddings(input_ids.long(), token_type_ids.long())
-        return self.encoder(x, mask_bias)
+        out = self._bert(input_ids=input_ids.long(), attention_mask=mask,
+                         token_type_ids=token_type_ids.long(), return_dict=True)
+        return out.last_hidden_state
 
     @staticmethod
     def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from analysis.loraq.common import (branch_product, build_result, fro, mm, with_t
                                    split_factors, top_svd)
 from analysis.loraq.result import LoRaQResult
 
-__all__ = ["rtn", "svdquant", "lqer", "loftq", "naive", "ALPHA_GRID", "BETA_GRID"]
+__all__ = ["rtn", "svdquant", "smoothing_vector", "smoothing_search", "lqer", "loftq", "naive", "ALPHA_GRID", "BETA_GRID"]
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -140,6 +140,45 @@ def _grid(values, what):
 
 
 @with_threads
+def smoothing_vector(W, X, alpha: float, beta: float) -> np.ndarray:
+    """SVDQuant's per-input-channel smoothing lambda_j = max_n |X_nj|^alpha / max_o |W_oj|^beta.
+
+    Channels whose activation or weight maximum is 0 get lambda_j = 1. The
+    vector is rounded to float32 (as it is stored) and returned as float64.
+    """
+    xmax = np.abs(X).max(axis=0)
+    wmax = np.abs(W).max(axis=0)
+    lam = np.ones(np.asarray(W).shape[1])
+    ok = (xmax > 0) & (wmax > 0)
+    lam[ok] = xmax[ok] ** alpha / wmax[ok] ** beta
+    return lam.astype(np.float32).astype(np.float64)
+
+
+def smoothing_search(W, X, alphas, betas, fit):
+    """SVDQuant's smoothing search: (lambda, (alpha, beta), fit's result) with the smallest
+    output error ||X W^T - X W_hat^T||_F over the grid.
+
+    ``fit(W')`` returns (main QTensor, left, right, history) for the smoothed
+    weight W' = W diag(lambda); W_hat = (Q1 + L R) diag(1 / lambda). A one-point
+    grid skips the error evaluation.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    ref = fro(mm(X, W.T)) if len(alphas) * len(betas) > 1 else 1.0
+    best = None
+    for a in alphas:
+        for b in betas:
+            lam = smoothing_vector(W, X, a, b)
+            res = fit(W * lam[None, :])
+            if len(alphas) * len(betas) == 1:
+                return lam, (a, b), res
+            q, left, right = res[:3]
+            w = numfmt.dequantize(q).astype(np.float64) + branch_product(left, right)
+            err = fro(mm(X, (W - w / lam[None, :]).T)) / max(ref, 1e-300)
+            if best is None or err < best[0]:
+                best = (err, lam, (a, b), res)
+    return best[1], best[2], best[3]
+
+
 def svdquant(W, *, main: str = "mxint4", branch: str = "fp16", rank: int = 32,
              refine_iters: int = 0, activations=None, alpha_grid=ALPHA_GRID,
              beta_grid=BETA_GRID) -> LoRaQResult:
@@ -176,22 +215,7 @@ def svdquant(W, *, main: str = "mxint4", branch: str = "fp16", rank: int = 32,
         q, left, right, hist = fit(W)
         smooth, chosen = None, None
     else:
-        xmax = np.abs(X).max(axis=0)
-        wmax = np.abs(W).max(axis=0)
-        ref = fro(mm(X, W.T))
-        best = None
-        for a in alphas:
-            for b in betas:
-                lam = np.ones(W.shape[1])
-                ok = (xmax > 0) & (wmax > 0)
-                lam[ok] = xmax[ok] ** a / wmax[ok] ** b
-                lam = lam.astype(np.float32).astype(np.float64)  # stored as float32
-                q, left, right, hist = fit(W * lam[None, :])
-                w = numfmt.dequantize(q).astype(np.float64) + branch_product(left, right)
-                err = fro(mm(X, (W - w / lam[None, :]).T)) / max(ref, 1e-300)
-                if best is None or err < best[0]:
-                    best = (err, q, left, right, hist, lam, (a, b))
-        _, q, left, right, hist, smooth, chosen = best
+        smooth, chosen, (q, left, right, hist) = smoothing_search(W, X, alphas, betas, fit)
     return build_result(W, q, left, right, method="svdquant", main_format=main,
                         branch_format=branch, history=hist, steps=refine_iters, smooth=smooth,
                         X=X, t0=t0,

@@ -1,0 +1,86 @@
+"""Generation metrics: Frechet distance, class accuracy, PSNR and feature distance.
+
+All take NumPy or torch arrays and return Python floats.
+
+* ``frechet_distance(f1, f2)``: the FID recipe on two feature sets (N x d)::
+
+      FD = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))
+
+  with sample means mu and unbiased covariances S, computed in float64; the
+  matrix square root is scipy's ``sqrtm`` (its tiny imaginary part from
+  rounding is dropped).
+* ``psnr_db(ref, test, peak)``: 10 log10(peak^2 / MSE) over all pixels; +inf
+  when the images are equal. Images in [-1, 1] have peak-to-peak range 2.
+* ``feature_distance(f_ref, f_test)``: mean over samples of the Euclidean
+  distance between unit-normalized feature vectors of the same sample (the
+  LPIPS recipe: compare normalized deep features, here the classifier's).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["frechet_distance", "psnr_db", "feature_distance", "class_accuracy"]
+
+
+def _as2d(f, name: str) -> np.ndarray:
+    a = np.asarray(f.detach().cpu().numpy() if hasattr(f, "detach") else f, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"{name} must be (N, d) features with N >= 2, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} holds non-finite values")
+    return a
+
+
+def frechet_distance(f1, f2) -> float:
+    """Frechet distance between Gaussians fitted to two (N, d) feature sets."""
+    from scipy import linalg
+
+    a, b = _as2d(f1, "f1"), _as2d(f2, "f2")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature widths differ: {a.shape[1]} and {b.shape[1]}")
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.all(np.isfinite(covmean)):  # singular product: regularize, as the FID code does
+        off = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = np.real(covmean)
+    fd = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return max(fd, 0.0)
+
+
+def psnr_db(ref, test, peak: float = 2.0) -> float:
+    """PSNR of ``test`` against ``ref`` (same shape) in dB; inf when identical."""
+    r = np.asarray(ref.detach().cpu().numpy() if hasattr(ref, "detach") else ref, dtype=np.float64)
+    t = np.asarray(test.detach().cpu().numpy() if hasattr(test, "detach") else test,
+                   dtype=np.float64)
+    if r.shape != t.shape:
+        raise ValueError(f"image shapes differ: {r.shape} and {t.shape}")
+    mse = float(np.mean((r - t) ** 2))
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(peak * peak / mse)
+
+
+def feature_distance(f_ref, f_test) -> float:
+    """Mean ||u_i - v_i|| of unit-normalized features of the same samples (0 when equal)."""
+    a, b = _as2d(f_ref, "f_ref"), _as2d(f_test, "f_test")
+    if a.shape != b.shape:
+        raise ValueError(f"feature shapes differ: {a.shape} and {b.shape}")
+
+    def unit(x):
+        n = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(n > 0, n, 1.0)
+
+    return float(np.mean(np.linalg.norm(unit(a) - unit(b), axis=1)))
+
+
+def class_accuracy(logits, labels) -> float:
+    """Fraction of rows whose argmax equals the requested label."""
+    lg = np.asarray(logits.detach().cpu().numpy() if hasattr(logits, "detach") else logits)
+    lb = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
+    if lg.ndim != 2 or lg.shape[0] != lb.shape[0]:
+        raise ValueError(f"logits {lg.shape} and labels {lb.shape} do not match")
+    return float(np.mean(np.argmax(lg, axis=1) == lb))
