@@ -25,6 +25,15 @@ Two modes compute the same arithmetic:
 
 With unlimited accumulators the two differ only by FP32 summation order.
 
+Device: ``device=`` puts the layer's buffers on any torch device (or move the layer
+with ``.to(device)``); ``forward`` then runs where the buffers are, and refuses an
+input on another device with a ValueError naming both. Activations are quantized by
+``numfmt.torch`` (``backend=None``: the Numba kernels on the CPU, its plain-torch
+implementation elsewhere -- the same bits; ``backend="torch"`` forces the latter on the
+CPU too). The float32 GEMMs run with TF32 off (``fp32_matmul``): a simulated FP32
+accumulation must not round its operands to 10 mantissa bits behind the model's back.
+``"exact"`` mode quantizes on the device and runs ``hwsim.matmul`` on the CPU.
+
 Statistics (``stats=True``): per call, the activation quantization error
 ||x - Qa(x)||^2 and ||x||^2 summed over all tokens (main and branch inputs), and
 the observed in-block accumulator width: the largest |sum over one block of
@@ -35,6 +44,7 @@ bounds live beside it: ``acc_bits_worst`` (A2Q from the formats alone) and
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -47,10 +57,28 @@ import numfmt.torch as nft
 from numfmt.formats import BlockFormat, FloatFormat, IntFormat
 from hwsim.accumulator import element_of, worst_case_bits
 
-__all__ = ["QuantLinear", "LayerStats", "observed_bits", "l1_bound_bits", "block_len",
+__all__ = ["QuantLinear", "LayerStats", "fp32_matmul", "observed_bits", "l1_bound_bits", "block_len",
            "integer_values", "width_of", "MODES"]
 
 MODES = ("fast", "exact")
+
+
+@contextlib.contextmanager
+def fp32_matmul(device):
+    """Inside the block, float32 matrix products on a CUDA ``device`` use IEEE float32
+    arithmetic, not TF32 (``torch.set_float32_matmul_precision("highest")``, restored
+    after). TF32 rounds each operand to 10 mantissa bits inside the GEMM: in a simulated
+    layer that is an unmodelled extra quantization, and CUDA results would no longer
+    match the CPU ones within FP32 reordering. A no-op on other devices."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def sum_squares(t: torch.Tensor) -> float:
@@ -206,10 +234,16 @@ class QuantLinear(nn.Module):
         W diag(s).
     mode : "fast" or "exact"; ``acc`` / ``inter_block`` are passed to
         ``hwsim.matmul`` in exact mode.
+    device : torch device of the layer's buffers and its computation (None: CPU);
+        ``.to(device)`` moves a built layer the same way.
+    backend : ``numfmt.torch`` backend of the activation quantizers: None (Numba on
+        the CPU, plain torch elsewhere) or "torch" (plain torch on every device, CPU
+        included); both give the same bits.
     """
 
     def __init__(self, main, main_act, *, left=None, right=None, branch_act=None, bias=None,
-                 smooth=None, mode: str = "fast", acc=None, inter_block=None, name: str = ""):
+                 smooth=None, mode: str = "fast", acc=None, inter_block=None, name: str = "",
+                 device=None, backend: str | None = None):
         super().__init__()
         if (left is None) != (right is None):
             raise ValueError("give both left and right for a branch, or neither")
@@ -242,6 +276,11 @@ class QuantLinear(nn.Module):
         self.collect_stats = False
         self.stats = LayerStats()
         self._check_mode()
+        self.backend = backend
+        dev = torch.device("cpu") if device is None else nft.check_device(device)
+        nft.resolve_backend(backend, dev)  # a bad name or numba off the CPU fails here
+        if device is not None:
+            self.to(dev)
 
     def _check_mode(self) -> None:
         if self.mode not in MODES:
@@ -249,7 +288,8 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_result(cls, result, config, *, bias=None, mode: str = "fast", acc=None,
-                    inter_block=None, name: str = "") -> "QuantLinear":
+                    inter_block=None, name: str = "", device=None,
+                    backend: str | None = None) -> "QuantLinear":
         """Build from a LoRaQ-style result (``main``, ``left``, ``right``, ``smooth``) and a
         ``hwsim.cost.Config`` (its ``main_act`` / ``branch_act`` formats)."""
         left = getattr(result, "left", None)
@@ -259,7 +299,7 @@ class QuantLinear(nn.Module):
                    left=left if has_branch else None, right=right if has_branch else None,
                    branch_act=config.branch_act if has_branch else None, bias=bias,
                    smooth=getattr(result, "smooth", None), mode=mode, acc=acc,
-                   inter_block=inter_block, name=name)
+                   inter_block=inter_block, name=name, device=device, backend=backend)
 
     def extra_repr(self) -> str:
         br = f", rank={self.rank}, branch_act={self.branch_act.name}" if self.rank else ""
@@ -291,14 +331,20 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"layer {self.name or ''} expects {self.in_features} input features, "
                              f"got input of shape {tuple(x.shape)}")
+        dev = self.weight.device
+        if x.device != dev:
+            raise ValueError(f"layer {self.name or ''} is on {dev} but its input is on "
+                             f"{x.device}; move one of them (QuantLinear(device=...) or "
+                             f".to(device))")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
         if self.smooth is not None:
             x2 = x2 / self.smooth
-        if self.mode == "fast":
-            y = self._fast(x2)
-        else:
-            y = self._exact(x2)
+        with fp32_matmul(dev):
+            if self.mode == "fast":
+                y = self._fast(x2)
+            else:
+                y = self._exact(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
@@ -316,9 +362,10 @@ class QuantLinear(nn.Module):
     def _qdq(self, x: torch.Tensor, fmt):
         """(fake-quantized x, its QTensor when statistics are on, else None)."""
         if self.collect_stats and not _is_ieee(fmt):
-            q = nft.quantize(x, fmt, axis=-1)
-            return nft.dequantize(q), q  # == fake_quantize bit for bit
-        return nft.fake_quantize(x, fmt, axis=-1), None
+            q = nft.quantize(x, fmt, axis=-1, backend=self.backend)
+            # == fake_quantize bit for bit
+            return nft.dequantize(q, device=x.device, backend=self.backend), q
+        return nft.fake_quantize(x, fmt, axis=-1, backend=self.backend), None
 
     def _fast(self, x2: torch.Tensor) -> torch.Tensor:
         st = self.collect_stats
@@ -343,9 +390,13 @@ class QuantLinear(nn.Module):
 
     def _gemm(self, a, b, gemm: str) -> torch.Tensor:
         """a (M x K) @ b (N x K)^T through hwsim.matmul; float32 GEMM for an IEEE (fp16) pair."""
+        dev = self.weight.device
         if _is_ieee(a.format) and _is_ieee(b.format):
             # fp16 x fp16 products are exact in fp32; tensor-core style fp32 accumulation.
-            return torch.from_numpy(numfmt.dequantize(a)) @ torch.from_numpy(numfmt.dequantize(b)).T
+            if dev.type == "cpu":
+                return torch.from_numpy(numfmt.dequantize(a)) @ torch.from_numpy(numfmt.dequantize(b)).T
+            return (nft.dequantize(a, device=dev, backend=self.backend)
+                    @ nft.dequantize(b, device=dev, backend=self.backend).T)
         import hwsim
         kw = {}
         if self.acc is not None:
@@ -355,21 +406,22 @@ class QuantLinear(nn.Module):
         res = hwsim.matmul(a, b, **kw)
         if self.collect_stats and getattr(res, "acc_bits_needed", None) is not None:
             self.stats.note_bits(gemm, res.acc_bits_needed)
-        return torch.from_numpy(np.asarray(res.out, dtype=np.float32))
+        return torch.from_numpy(np.asarray(res.out, dtype=np.float32)).to(dev)
 
     def _exact(self, x2: torch.Tensor) -> torch.Tensor:
         st = self.collect_stats
-        xq = nft.quantize(x2, self.main_act, axis=-1)
+        bk, dev = self.backend, x2.device
+        xq = nft.quantize(x2, self.main_act, axis=-1, backend=bk)
         if st:
             self.stats.tokens += x2.shape[0]
-            self._note_act(x2, torch.from_numpy(numfmt.dequantize(xq)), False)
+            self._note_act(x2, nft.dequantize(xq, device=dev, backend=bk), False)
         y = self._gemm(xq, self.main_q, "main")
         if self.rank:
-            xb = nft.quantize(x2, self.branch_act, axis=-1)
+            xb = nft.quantize(x2, self.branch_act, axis=-1, backend=bk)
             if st:
-                self._note_act(x2, torch.from_numpy(numfmt.dequantize(xb)), True)
+                self._note_act(x2, nft.dequantize(xb, device=dev, backend=bk), True)
             h = self._gemm(xb, self.right_q, "branch_in")
-            hq = nft.quantize(h, self.branch_act, axis=-1)
+            hq = nft.quantize(h, self.branch_act, axis=-1, backend=bk)
             y = y + self._gemm(hq, self.left_q, "branch_out")
         return y
 

@@ -27,7 +27,8 @@ from numfmt import core
 from numfmt.formats import COMPATS, BlockFormat, IntFormat, get
 from numfmt.qtensor import QTensor
 
-__all__ = ["quantize", "fake_quantize", "dequantize", "BACKENDS", "resolve_backend"]
+__all__ = ["quantize", "fake_quantize", "dequantize", "BACKENDS", "resolve_backend",
+           "check_device"]
 
 BACKENDS = ("numba", "torch")
 
@@ -45,6 +46,31 @@ def resolve_backend(backend, device) -> str:
         raise ValueError(f"backend='numba' runs on CPU tensors; got a tensor on {dev} "
                          f"(use backend='torch' or None)")
     return backend
+
+
+def check_device(device) -> torch.device:
+    """``torch.device(device)``, checked: a ValueError naming the device for a malformed
+    name, or for a CUDA / MPS device that this torch build or machine does not have."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device={device!r} is not a torch device name such as 'cpu', "
+                             f"'cuda' or 'cuda:1' ({e})") from None
+    else:
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(dev)!r} requested but CUDA is not available here "
+                             f"(torch {torch.__version__}: torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(dev)!r} requested but only "
+                             f"{torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={str(dev)!r} requested but MPS is not available here")
+    return dev
 
 
 def _check_tensor(t) -> torch.Tensor:

@@ -80,6 +80,15 @@ for ``patience`` (there 30) steps; ``"constant"`` keeps lr. ``converged`` is Tru
 when the run stopped by its rule, or when its last ``patience`` steps improved the
 best by less than ``tol``.
 
+Device: ``device=None`` (the default) runs on the CPU with numfmt's Numba kernels
+writing into NumPy views of the loop's buffers. ``device="cuda"`` (or any torch device)
+keeps every tensor of the loop on that device and quantizes with numfmt's plain-torch
+backend (bit-identical to the Numba kernels); the r x r Cayley solve then uses
+``torch.linalg.solve`` and TF32 is switched off for the GEMMs (``analysis.layers.
+fp32_matmul``). ``device="cpu"`` runs that torch path on the CPU: the same bits as the
+default (the tests check it), only slower. On a GPU the results equal the CPU ones within
+FP32 GEMM reordering.
+
 Determinism: no random numbers are drawn (SVD init, K = 0; ``seed`` seeds
 torch for future variants), so a run is bit-identical to the next; ``threads``
 (default 1) pins the thread count inside the call, and the tests check that
@@ -95,11 +104,13 @@ import torch
 from scipy.linalg import lapack
 
 import numfmt
+import numfmt.torch as nft
 from analysis.loraq.checks import (ROTATIONS, as_activations, as_weight, check_float,
                                    check_format, check_int)
 from analysis.loraq.common import (build_result, quantize_main, resolve_rank, split_factors,
                                    top_svd, with_threads)
 from analysis.loraq.result import LoRaQResult
+from analysis.layers import fp32_matmul
 
 __all__ = ["optimize", "hadamard", "cayley", "cayley_grad", "step_gradients", "default_lr", "SCHEDULES",
            "INITS", "WEIGHTINGS"]
@@ -166,8 +177,14 @@ class _Buffers:
     torch: 64-byte aligned (MKL's GEMMs writing into NumPy's 16-byte-aligned arrays
     measured 20 % slower)."""
 
-    def __init__(self, out: int, inp: int, r: int):
+    def __init__(self, out: int, inp: int, r: int, device=None):
+        # device: None for the Numba path; a torch.device for the torch backend there
+        # (no NumPy views: the quantizers write into the tensors through ``out=``)
+        self.device = device
+
         def pair(*shape):
+            if device is not None:
+                return None, torch.empty(shape, dtype=torch.float32, device=device)
             t = torch.empty(shape, dtype=torch.float32)
             return t.numpy(), t
         self.P_np, self.P = pair(out, inp)    # residual P, then E = P - Q1(P) in place
@@ -178,7 +195,10 @@ class _Buffers:
 
 def _fq(x: torch.Tensor, fmt, out_np=None, out=None) -> torch.Tensor:
     """numfmt.fake_quantize along axis 1 (the fused Numba kernel), no gradient; into
-    ``out_np`` / its torch view ``out`` when given."""
+    ``out_np`` / its torch view ``out`` when given. With ``out`` but no ``out_np`` (a
+    ``_Buffers`` on a device): numfmt's torch backend on x's device, into ``out``."""
+    if out is not None and out_np is None:
+        return nft.fake_quantize(x.detach(), fmt, axis=1, backend="torch", out=out)
     y = numfmt.fake_quantize(x.detach().numpy(), fmt, axis=1, out=out_np)
     return out if out is not None else torch.from_numpy(y)
 
@@ -186,11 +206,13 @@ def _fq(x: torch.Tensor, fmt, out_np=None, out=None) -> torch.Tensor:
 def cayley(K: torch.Tensor) -> torch.Tensor:
     """Omega = (I - A)^(-1) (I + A), A = K - K^T: orthogonal for every square K; K = 0 -> I.
 
-    Differentiable when K requires grad (torch.linalg.solve); otherwise LAPACK's gesv
-    straight from SciPy, which is 5x faster on the r x r systems of the optimizer loop."""
-    eye = torch.eye(K.shape[0], dtype=K.dtype)
+    Differentiable when K requires grad (torch.linalg.solve); otherwise, on the CPU,
+    LAPACK's gesv straight from SciPy, which is 5x faster on the r x r systems of the
+    optimizer loop; torch.linalg.solve on other devices."""
+    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
     A = K - K.T
-    if K.requires_grad or K.dtype not in (torch.float32, torch.float64):
+    if (K.requires_grad or K.dtype not in (torch.float32, torch.float64)
+            or K.device.type != "cpu"):
         return torch.linalg.solve(eye - A, eye + A)
     gesv = lapack.sgesv if K.dtype == torch.float32 else lapack.dgesv
     _, _, x, info = gesv((eye - A).numpy(), (eye + A).numpy())
@@ -203,7 +225,7 @@ def cayley_grad(K: torch.Tensor, C: torch.Tensor, G: torch.Tensor) -> torch.Tens
     """d/dK of <G, cayley(K)> for C = cayley(K) (module docstring). Since
     I + A = 2 I - (I - A), C + I = 2 (I - A)^(-1), so G_A = (I - A)^(-T) G (C + I)^T
     = (1/2) (C + I)^T G (C + I)^T: no second solve."""
-    eye = torch.eye(K.shape[0], dtype=K.dtype)
+    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
     Ci = (C + eye).T
     GA = (Ci @ G @ Ci).mul_(0.5)
     return GA - GA.T
@@ -275,7 +297,7 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
              init: str = "svd",
              weighting: str = "full", lr_decay: float = 0.5,
              schedule: str = "plateau", omega_lr: float = 0.02, min_lr_scale: float = 1 / 8,
-             early_stop: bool = True) -> LoRaQResult:
+             early_stop: bool = True, device=None) -> LoRaQResult:
     """Optimize a LoRaQ decomposition of W (see the module docstring).
 
     W           out x in weight (numpy array or torch tensor; float64 internally
@@ -299,6 +321,9 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
     threads     torch / Numba threads inside the call (default 1; None = as set).
     seed        seeds torch (nothing random is drawn now; kept for variants).
     activations n x in sample of the layer's inputs for the data-aware loss.
+    device      None: CPU with the Numba kernels (default); a torch device ("cuda",
+                "cuda:1", "cpu"): the loop on that device with numfmt's torch backend
+                (module docstring). The returned QTensors are NumPy-backed either way.
     Returns a LoRaQResult whose ``history`` is the relative error
     ||W - W_hat_t||_F / ||W||_F of each iterate (float32 arithmetic) and whose
     ``rel_error`` is that of the best iterate, recomputed in float64.
@@ -331,17 +356,33 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
     if lr_decay > 1:
         raise ValueError(f"lr_decay={lr_decay} must be in (0, 1]")
     X = as_activations(activations, W64.shape[1])
+    dev = None if device is None else nft.check_device(device)
+    with fp32_matmul(dev if dev is not None else "cpu"):
+        return _optimize(W64, X, t0, dev, main, branch, r, rotation, steps, lr, seed, tol,
+                         patience, init, weighting, lr_decay, schedule, omega_lr,
+                         min_lr_scale, early_stop)
+
+
+def _optimize(W64, X, t0, dev, main, branch, r, rotation, steps, lr, seed, tol, patience,
+              init, weighting, lr_decay, schedule, omega_lr, min_lr_scale,
+              early_stop) -> LoRaQResult:
+    """The body of ``optimize`` after its checks; ``dev`` None (Numba on the CPU) or a
+    torch.device (the torch backend there)."""
     config = {"method": "loraq", "main": main, "branch": branch, "rank": r,
               "rotation": rotation, "steps": steps, "lr": lr, "seed": seed, "tol": tol,
               "patience": patience, "init": init, "lr_decay": lr_decay, "schedule": schedule,
               "omega_lr": omega_lr, "min_lr_scale": min_lr_scale, "early_stop": early_stop,
               "weighting": None if X is None else weighting,
               "activations": None if X is None else list(X.shape)}
+    if dev is not None:
+        config["device"] = str(dev)
     torch.manual_seed(seed)
 
     rms = math.sqrt(float(np.mean(np.square(W64))))
     c = 2.0 ** round(math.log2(rms)) if rms > 0 else 1.0
     Wn = torch.from_numpy((W64 / c).astype(np.float32))
+    if dev is not None:
+        Wn = Wn.to(dev)
     if init == "svd":
         U, S, Vt = top_svd(W64 / c, r)
     else:
@@ -355,19 +396,19 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
     # zero-padded), while the GEMMs run on a rank MKL handles faster.
     n_out, n_in = Wn.shape
     rp = _padded_rank(r)
-    flat = torch.zeros(n_out * rp + rp * n_in, dtype=torch.float32)
+    flat = torch.zeros(n_out * rp + rp * n_in, dtype=torch.float32, device=dev)
     gflat = torch.empty_like(flat)
     L, R = flat[:n_out * rp].view(n_out, rp), flat[n_out * rp:].view(rp, n_in)
     gL, gR = gflat[:n_out * rp].view(n_out, rp), gflat[n_out * rp:].view(rp, n_in)
-    L[:, :r] = torch.from_numpy(L0.astype(np.float32))
-    R[:r] = torch.from_numpy(R0.astype(np.float32))
-    Om_pad = torch.eye(rp, dtype=torch.float32)
-    fixed = (torch.eye(r) if rotation == "identity"
-             else torch.from_numpy(hadamard(r).astype(np.float32)))
+    L[:, :r] = torch.from_numpy(L0.astype(np.float32)).to(flat.device)
+    R[:r] = torch.from_numpy(R0.astype(np.float32)).to(flat.device)
+    Om_pad = torch.eye(rp, dtype=torch.float32, device=dev)
+    fixed = (torch.eye(r, device=dev) if rotation == "identity"
+             else torch.from_numpy(hadamard(r).astype(np.float32)).to(flat.device))
     params, lrs = [flat], [lr]
     K = None
     if rotation == "learned":
-        K = torch.zeros((r, r), dtype=torch.float32)
+        K = torch.zeros((r, r), dtype=torch.float32, device=dev)
         params.append(K)
         lrs.append(lr * omega_lr)
     H = None
@@ -376,8 +417,9 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
         H = ((Xs.T @ Xs).to(torch.float32) if weighting == "full"
              else (Xs * Xs).sum(0).to(torch.float32))
         H = H / (H.diagonal().mean() if weighting == "full" else H.mean()).clamp_min(1e-30)
+        H = H.to(flat.device)
     opt = _Adam(params, lrs)
-    buffers = _Buffers(n_out, n_in, rp)
+    buffers = _Buffers(n_out, n_in, rp, dev)
 
     norm2 = _sum_of_products(Wn, Wn if H is None else (Wn @ H if H.ndim == 2 else Wn * H))
     history: list[float] = []
@@ -427,6 +469,7 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
         opt.step(grads, scale)
 
     Lo, Ro, Om = best[1]
+    Lo, Ro, Om = Lo.cpu(), Ro.cpu(), Om.cpu()  # (no-ops on the CPU)
     left = numfmt.quantize(np.ascontiguousarray(Lo.numpy() * np.float32(c)), branch, axis=1)
     right = numfmt.quantize(np.ascontiguousarray(Ro.numpy()), branch, axis=1)
     q = quantize_main(W64, left, right, main)
