@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="loraq: maximum Adam steps")
     p.add_argument("--lr", type=float, default=None, help="loraq: Adam step size")
     p.add_argument("--seed", type=int, default=0, help="loraq: seed (default: %(default)s)")
+    p.add_argument("--device", default=None, help="loraq: torch device of the optimizer loop, "
+                   "e.g. cuda, cuda:1 (numfmt's torch backend there; default: CPU with the "
+                   "Numba kernels)")
     p.add_argument("--iters", type=int, default=None, help="loftq iterations / svdquant "
                    "refinement iterations")
     p.add_argument("--processes", type=int, default=None, help=argparse.SUPPRESS)  # old --workers
@@ -75,6 +78,12 @@ def _load(spec: str):
 def _kwargs(args) -> dict:
     m = args.method
     kw: dict = {"main": args.main}
+    if getattr(args, "device", None) is not None:
+        if m != "loraq":
+            raise ValueError(f"--device applies to --method loraq, not {m!r}")
+        import numfmt.torch as nft
+        nft.check_device(args.device)  # e.g. cuda requested where there is none: one line
+        kw["device"] = args.device
     if m == "rtn":
         extra = [k for k in ("branch", "rank", "steps", "lr", "iters")
                  if getattr(args, k) is not None]
@@ -112,6 +121,12 @@ def run(args) -> int:
     if args.method not in METHOD_FUNCTIONS:
         raise ValueError(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
     kw = _kwargs(args)
+    from analysis import cluster
+    if args.processes is not None:
+        if args.workers is not None:
+            raise ValueError("give --workers (--processes is its older name), not both")
+        args.workers = args.processes
+    where = cluster.client_from_args(args)  # checks the options; connects on entry
     weights = _load(args.weights)
     t0 = time.perf_counter()
 
@@ -121,12 +136,7 @@ def run(args) -> int:
                   f"{res.rel_error:.5f}  {res.bits_per_weight:.3f} bit/w  steps {res.steps}",
                   flush=True)
 
-    from analysis import cluster
-    if args.processes is not None:
-        if args.workers is not None:
-            raise ValueError("give --workers (--processes is its older name), not both")
-        args.workers = args.processes
-    with cluster.client_from_args(args) as client:
+    with where as client:
         if not args.quiet:
             print(f"layers run {cluster.describe(client)}", flush=True)
         optimize_model(weights, args.out, method=args.method, client=client,
