@@ -157,3 +157,14 @@ def test_cli_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # refused before any work
     rc = cli_main(["optimize", "--out", str(tmp_path / "o"), "--device", "cpu", "--method", "rtn"])
     assert rc == 2 and "--device applies to --method loraq" in capsys.readouterr().err
+
+
+def test_device_top_svd_equals_cpu_top_svd():
+    """The initial SVD a device run computes there (_top_svd_on) is top_svd's arithmetic:
+    run on the CPU it gives top_svd's values (within float64 rounding)."""
+    from analysis.loraq.common import top_svd
+    from analysis.loraq.optimizer import _top_svd_on
+    W = np.random.default_rng(5).standard_normal((50, 80))
+    for M in (W, np.ascontiguousarray(W.T)):
+        for a, b in zip(top_svd(M, 7), _top_svd_on(M, 7, torch.device("cpu"))):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -203,6 +203,29 @@ def _fq(x: torch.Tensor, fmt, out_np=None, out=None) -> torch.Tensor:
     return out if out is not None else torch.from_numpy(y)
 
 
+def _top_svd_on(W: np.ndarray, r: int, dev: torch.device):
+    """``analysis.loraq.common.top_svd`` computed on ``dev`` (float64 Gram matrix and
+    eigh there; the same steps, signs fixed the same way); returns NumPy arrays. Equal
+    to the CPU result within float64 rounding of the eigensolver."""
+    Wt = torch.from_numpy(np.asarray(W, dtype=np.float64)).to(dev)
+    out, inp = Wt.shape
+    wide = out <= inp
+    evals, evecs = torch.linalg.eigh(Wt @ Wt.T if wide else Wt.T @ Wt)
+    idx = torch.argsort(evals, stable=True).flip(0)[:r]
+    S = evals[idx].clamp_min(0.0).sqrt()
+    V = evecs[:, idx]
+    Sinv = torch.where(S > 0, 1.0 / torch.where(S > 0, S, torch.ones_like(S)),
+                       torch.zeros_like(S))
+    if wide:
+        U, Vt = V, (V.T @ Wt) * Sinv[:, None]
+    else:
+        Vt, U = V.T.contiguous(), (Wt @ V) * Sinv[None, :]
+    sign = torch.sign(U[U.abs().argmax(dim=0), torch.arange(U.shape[1], device=dev)])
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return ((U * sign[None, :]).cpu().numpy(), S.cpu().numpy(),
+            (Vt * sign[:, None]).cpu().numpy())
+
+
 def cayley(K: torch.Tensor) -> torch.Tensor:
     """Omega = (I - A)^(-1) (I + A), A = K - K^T: orthogonal for every square K; K = 0 -> I.
 
@@ -383,11 +406,15 @@ def _optimize(W64, X, t0, dev, main, branch, r, rotation, steps, lr, seed, tol, 
     Wn = torch.from_numpy((W64 / c).astype(np.float32))
     if dev is not None:
         Wn = Wn.to(dev)
+    # on an accelerator the initial SVD runs there too (``_top_svd_on``); on the CPU the
+    # torch path keeps ``top_svd`` so that device="cpu" gives the default's bits
+    svd = top_svd if dev is None or dev.type == "cpu" else (
+        lambda M, k: _top_svd_on(M, k, dev))
     if init == "svd":
-        U, S, Vt = top_svd(W64 / c, r)
+        U, S, Vt = svd(W64 / c, r)
     else:
         E0 = W64 / c - numfmt.fake_quantize(W64 / c, main, axis=1).astype(np.float64)
-        U, S, Vt = top_svd(E0, r)
+        U, S, Vt = svd(E0, r)
     L0, R0 = split_factors(U, S, Vt)
     # L and R live in one flat tensor (and so do their gradients): one Adam update for both.
     # They carry rp - r >= 0 extra zero columns / rows (``_padded_rank``): with Omega padded
