@@ -56,7 +56,8 @@ result)`` in completion order. With a client each call is one Dask task
 ``scatter(value)`` is sent to the cluster once (``client.scatter``) and the
 task receives the value. A task whose worker dies is rerun on another worker
 by the scheduler (up to ``distributed.scheduler.allowed-failures``, 3 by
-default); a task that raises is retried ``retries`` times, then its exception
+default); scattered data that died with its worker (Dask cannot recompute it)
+is sent again and its task resubmitted (up to 3 times); a task that raises is retried ``retries`` times, then its exception
 is raised here and the remaining tasks are cancelled. ``fn`` must be pure and
 importable on the workers (a module-level function of the toolkit). Without a
 client the calls run here, in the order of ``items``.
@@ -84,6 +85,7 @@ CHECKED_PACKAGES = ("dask", "distributed", "cloudpickle", "msgpack", "tornado", 
                     "numpy", "torch", "numba", "safetensors", "loraq-toolkit")
 _SOURCE_PACKAGES = ("numfmt", "hwsim", "analysis")
 _SCHEMES = ("tcp://", "tls://")
+_MAX_RESENDS = 3  # like distributed.scheduler.allowed-failures
 
 
 class ClusterError(ValueError):
@@ -204,16 +206,24 @@ def _check_options(workers, scheduler, tls_ca_file, tls_cert, tls_key, threads_p
                                         f"not exist")
 
 
-@contextmanager
 def connect(workers: int | None = None, scheduler: str | None = None, *,
             tls_ca_file=None, tls_cert=None, tls_key=None, threads_per_worker: int = 1,
-            connect_timeout: float = 10.0) -> Iterator[object]:
-    """Yield None (in-process), a LocalCluster's client, or a scheduler's client.
+            connect_timeout: float = 10.0):
+    """A context manager yielding None (in-process), a LocalCluster's client, or a
+    scheduler's client. The options are checked here, before the block is entered, so a
+    caller can validate them before any other work.
 
     See the module docstring for the semantics and the errors.
     """
     _check_options(workers, scheduler, tls_ca_file, tls_cert, tls_key, threads_per_worker,
                    connect_timeout)
+    return _connect(workers, scheduler, tls_ca_file, tls_cert, tls_key, threads_per_worker,
+                    connect_timeout)
+
+
+@contextmanager
+def _connect(workers, scheduler, tls_ca_file, tls_cert, tls_key, threads_per_worker,
+             connect_timeout) -> Iterator[object]:
     if scheduler is None and workers in (None, 1):
         yield None
         return
@@ -326,27 +336,56 @@ def map_layers(fn: Callable, items: Iterable[tuple[str, tuple]], *, client=None,
 def _map_on_cluster(fn, items, client, retries, priority):
     from distributed import as_completed
 
-    marked = [(i, j) for i, (_, args) in enumerate(items) for j, a in enumerate(args)
-              if isinstance(a, Scatter)]
-    sent = client.scatter([items[i][1][j].value for i, j in marked], hash=False) if marked \
-        else []
-    args_of = [list(args) for _, args in items]
-    for (i, j), fut in zip(marked, sent):
-        args_of[i][j] = fut
+    marks = [[j for j, a in enumerate(args) if isinstance(a, Scatter)] for _, args in items]
+    flat = [(i, j) for i, js in enumerate(marks) for j in js]
+    sent = client.scatter([items[i][1][j].value for i, j in flat], hash=False) if flat else []
+    held = [[] for _ in items]  # the scattered futures each task uses
+    for (i, j), fut in zip(flat, sent):
+        held[i].append((j, fut))
+    del sent
     run = uuid.uuid4().hex[:8]
-    futures = {}
+    futures: dict = {}  # future -> item index
+    lost = [0] * len(items)
+    done = as_completed(loop=client.loop)
+
+    def submit(i):
+        name, args = items[i]
+        args = list(args)
+        for j, fut in held[i]:
+            args[j] = fut
+        fut = client.submit(fn, *args, key=f"layer-{run}-{lost[i]}-{name}", pure=False,
+                            retries=retries, priority=priority.get(name, 0))
+        futures[fut] = i
+        done.add(fut)
+
     try:
-        for (name, _), args in zip(items, args_of):
-            fut = client.submit(fn, *args, key=f"layer-{run}-{name}", pure=False,
-                                retries=retries, priority=priority.get(name, 0))
-            futures[fut] = name
-        for fut in as_completed(list(futures), loop=client.loop):
-            name = futures.pop(fut)
+        for i in range(len(items)):
+            submit(i)
+        for fut in done:
+            i = futures.pop(fut)
+            name = items[i][0]
+            if fut.status == "cancelled" and held[i]:
+                # Scattered data lives on one worker; if that worker died the data is gone
+                # (Dask cannot recompute it) and the task is cancelled: send it again.
+                lost[i] += 1
+                if lost[i] > _MAX_RESENDS:
+                    raise ClusterError(f"layer {name!r}: its data was lost with a worker "
+                                       f"{lost[i]} times; the cluster is unstable")
+                client.cancel([f for _, f in held[i]])
+                values = [items[i][1][j].value for j, _ in held[i]]
+                held[i] = list(zip([j for j, _ in held[i]],
+                                   client.scatter(values, hash=False)))
+                submit(i)
+                continue
             result = fut.result()  # re-raises the task's own exception
             fut.release()
+            if held[i]:
+                client.cancel([f for _, f in held[i]])
+                held[i] = []
             yield name, result
     finally:
         if futures:
             client.cancel(list(futures))
-        if sent:
-            client.cancel(sent)
+        rest = [f for h in held for _, f in h]
+        if rest:
+            client.cancel(rest)
