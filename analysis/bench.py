@@ -10,6 +10,25 @@
 2. All 36 MiniLM linear layers x 3 branch formats (mxint8, mxint6, mxint4),
    mxint4 main, through ``optimize_model`` with ``--processes`` workers.
 
+3. ``--scale`` (only this part): the Dask engine on PixArt-Sigma-shaped
+   synthetic layers -- one transformer block (self-attention q, k, v, out,
+   cross-attention q, k, v, out at 1152 x 1152, FFN up 4608 x 1152 and down
+   1152 x 4608, shapes from ``hwsim.models``; ``bench_matrix`` entries with 8
+   outlier channels), written to a safetensors file that the workers read
+   tensor by tensor, LoRaQ with a fixed budget of ``--scale-steps`` steps (no
+   early stop). Serial (this process) against a LocalCluster of
+   ``--scale-workers`` processes: wall times, parallel efficiency
+   T_serial / (workers x T_parallel) for the whole block and for the two large
+   FFN layers alone, bit equality of the files, the per-layer times, Dask's
+   per-task overhead (wall time per no-op task through ``map_layers``), and a
+   projection of the wall time for all of PixArt-Sigma and SANA
+   (``hwsim.models``: every linear layer x blocks; SANA's depthwise conv is not
+   a LoRaQ layer) at 1..64 workers: per-layer time from a least-squares fit
+   t = a + b * out * in to the measured serial layers plus the per-task
+   overhead, scheduled largest first onto the workers, and at least n_tasks x
+   overhead (the scheduler hands out one task at a time). The projection
+   assumes one worker per free core, as fast as a serial run here.
+
 Numba compile / cache load is timed apart (a warm-up call first). Threads:
 ``--threads`` (default 2) for torch and Numba in part 1, the SVD included.
 Nothing is asserted; the script prints measurements and their ratios.
@@ -20,11 +39,12 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["bench_matrix", "main"]
+__all__ = ["bench_matrix", "pixart_block", "project_wall_time", "main"]
 
 
 def bench_matrix(seed: int = 0, shape=(1152, 4608), outliers: int = 8,
@@ -81,13 +101,134 @@ def _minilm_part(processes: int, formats) -> None:
     for branch in formats:
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            res = optimize_model(weights, d, method="loraq", branch=branch, processes=processes)
+            res = optimize_model(weights, d, method="loraq", branch=branch, workers=processes)
             dt = time.perf_counter() - t
         total += dt
         errs = np.array([r.rel_error for r in res.values()])
         print(f"MiniLM 36 layers, branch {branch}: {dt:.1f} s, mean rel_error {errs.mean():.5f}")
     print(f"MiniLM 36 layers x {len(formats)} branch formats, {processes} process(es): "
           f"{total:.1f} s (goal <= 60 s)")
+
+
+def pixart_block(seed: int = 0) -> dict[str, np.ndarray]:
+    """One PixArt-Sigma block's linear weights (shapes from hwsim.models), seeded ``bench_matrix``."""
+    from hwsim.models import builtin_model
+
+    return {f"blocks.0.{layer.name}.weight": bench_matrix(seed=seed + i, shape=layer.shape)
+            for i, layer in enumerate(builtin_model("pixart-sigma"))}
+
+
+def project_wall_time(seconds: list[float], workers: int, overhead: float) -> float:
+    """Wall time of tasks taking ``seconds`` (+ ``overhead`` each) on ``workers``, largest
+    first onto the least-loaded worker, and at least len(seconds) x overhead."""
+    import heapq
+
+    load = [0.0] * workers
+    for t in sorted(seconds, reverse=True):
+        heapq.heapreplace(load, load[0] + t + overhead)
+    return max(max(load), len(seconds) * overhead)
+
+
+def _warm_worker() -> None:
+    """Imports, Numba cache loads and torch init on a worker, before anything is timed."""
+    from analysis.loraq import optimize
+
+    optimize(bench_matrix(shape=(64, 256)), rank=4, steps=2)
+
+
+def _noop(i: int) -> int:
+    return i
+
+
+def _load_line(when: str) -> str:
+    try:
+        a, b, c = os.getloadavg()
+    except OSError:
+        return f"load average {when}: unavailable"
+    return f"load average {when}: {a:.2f} {b:.2f} {c:.2f} ({os.cpu_count()} CPUs)"
+
+
+def _scale_part(steps: int, workers: int) -> None:
+    from safetensors.numpy import save_file
+
+    from analysis import cluster
+    from analysis.loraq.driver import layer_stem, optimize_model
+    from hwsim.models import builtin_model
+
+    print(_load_line("before --scale"))
+    block = pixart_block()
+    large = [n for n in block if ".ff." in n]
+    kw = dict(steps=steps, early_stop=False)
+    print(f"PixArt-Sigma block: {len(block)} layers, LoRaQ mxint4 + mxint8 branch, {steps} "
+          f"steps each (fixed), 1 thread per process, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        save_file(block, str(d / "block.safetensors"))
+        save_file({n: block[n] for n in large}, str(d / "large.safetensors"))
+        del block
+        _warm_worker()
+
+        def run(name, client, out):
+            t = time.perf_counter()
+            res = optimize_model(d / f"{name}.safetensors", d / out, client=client, **kw)
+            return time.perf_counter() - t, res.metrics
+
+        t_serial, serial = run("block", None, "serial")
+        t_serial_large, _ = run("large", None, "serial-large")
+        t = time.perf_counter()
+        with cluster.connect(workers=workers) as client:
+            t_start = time.perf_counter() - t
+            t = time.perf_counter()
+            client.run(_warm_worker)
+            t_warm = time.perf_counter() - t
+            n_noop = 400
+            t = time.perf_counter()
+            for _ in cluster.map_layers(_noop, [(f"t{i}", (i,)) for i in range(n_noop)],
+                                        client=client):
+                pass
+            overhead = (time.perf_counter() - t) / n_noop
+            t_par, par = run("block", client, "parallel")
+            t_par_large, _ = run("large", client, "parallel-large")
+        same = all((d / "serial" / f"{layer_stem(n)}.safetensors").read_bytes()
+                   == (d / "parallel" / f"{layer_stem(n)}.safetensors").read_bytes()
+                   for n in serial)
+    print(f"LocalCluster of {workers} workers: start {t_start:.1f} s, worker warm-up (imports, "
+          f"Numba cache) {t_warm:.1f} s, not counted below")
+    print(f"Dask per-task overhead: {overhead * 1e3:.2f} ms (wall per no-op task, {n_noop} "
+          f"through map_layers)")
+    eff = t_serial / (workers * t_par)
+    eff_large = t_serial_large / (workers * t_par_large)
+    print(f"block, {len(serial)} layers: serial {t_serial:.1f} s, {workers} workers "
+          f"{t_par:.1f} s, speed-up {t_serial / t_par:.2f}x, efficiency {eff:.2f}")
+    print(f"large layers (FFN up + down): serial {t_serial_large:.1f} s, {workers} workers "
+          f"{t_par_large:.1f} s, speed-up {t_serial_large / t_par_large:.2f}x, efficiency "
+          f"{eff_large:.2f} (goal >= 0.85)")
+    print(f"result files bit-identical to the serial run: {same}")
+    print("per-layer optimizer time (s), serial | in the parallel run:")
+    for n, m in serial.items():
+        print(f"  {n:<34} {m['shape'][0]:>5} x {m['shape'][1]:<5} rank {m['rank']:>3}  "
+              f"{m['seconds']:6.2f} | {par[n]['seconds']:6.2f}")
+    ser_s = np.array([m["seconds"] for m in serial.values()])
+    par_s = np.array([par[n]["seconds"] for n in serial])
+    print(f"  min / median / max: serial {ser_s.min():.2f} / {np.median(ser_s):.2f} / "
+          f"{ser_s.max():.2f}; parallel / serial per layer: mean {np.mean(par_s / ser_s):.2f}")
+    # t = a + b * out * in over the measured layers; the serial wall time beyond the
+    # optimizer's own time (read, hash, write) is spread evenly over the layers.
+    sizes = np.array([m["shape"][0] * m["shape"][1] for m in serial.values()], dtype=float)
+    b, a = np.polyfit(sizes, ser_s, 1)
+    per_layer_io = max(t_serial - ser_s.sum(), 0.0) / len(ser_s)
+    print(f"fit: t = {a:.3f} s + {b * 1e6:.3f} s per million weights; read/hash/write "
+          f"{per_layer_io:.3f} s per layer")
+    counts = (1, 2, 4, 8, 16, 32, 64)
+    print(f"projected wall time (s) at {steps} steps per layer: " + " ".join(
+        f"{w:>8}" for w in counts))
+    for model in ("pixart-sigma", "sana-1600m"):
+        layers = [la for la in builtin_model(model) if la.kind == "linear"]
+        secs = [a + b * la.out_features * la.in_features + per_layer_io
+                for la in layers for _ in range(la.count)]
+        print(f"  {model:<12} {len(secs):>4} layers: " + " ".join(
+            f"{project_wall_time(secs, w, overhead):8.1f}" for w in counts))
+    print(_load_line("after --scale"))
 
 
 def main(argv=None) -> int:
@@ -98,7 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("--factor", type=int, default=5, help="the long run has factor x steps")
     p.add_argument("--skip-matrix", action="store_true")
     p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--scale", action="store_true", help="only the Dask scaling part (3.)")
+    p.add_argument("--scale-steps", type=int, default=30)
+    p.add_argument("--scale-workers", type=int, default=2)
     args = p.parse_args(argv)
+    if args.scale:
+        _scale_part(args.scale_steps, args.scale_workers)
+        return 0
     try:
         load = os.getloadavg()
         print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
