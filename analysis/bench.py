@@ -117,7 +117,7 @@ def _minilm_part(processes: int, formats) -> None:
 
 
 def pixart_block(seed: int = 0) -> dict[str, np.ndarray]:
-    """One PixArt-Sigma block's linear weights (shapes from hwsim.models), seeded ``bench_matrix``."""
+    """One PixArt-Sigma block's linear weights (shapes from hwsim.models), ``bench_matrix``."""
     from hwsim.models import builtin_model
 
     return {f"blocks.0.{layer.name}.weight": bench_matrix(seed=seed + i, shape=layer.shape)

@@ -56,8 +56,9 @@ result)`` in completion order. With a client each call is one Dask task
 ``scatter(value)`` is sent to the cluster once (``client.scatter``) and the
 task receives the value. A task whose worker dies is rerun on another worker
 by the scheduler (up to ``distributed.scheduler.allowed-failures``, 3 by
-default); scattered data that died with its worker (Dask cannot recompute it)
-is sent again and its task resubmitted (up to 3 times); a task that raises is retried ``retries`` times, then its exception
+default, then ``ClusterError``); scattered data that died with its worker (Dask cannot recompute it)
+is sent again and its task resubmitted (up to 3 times); a task that raises
+is retried ``retries`` times, then its exception
 is raised here and the remaining tasks are cancelled. ``fn`` must be pure and
 importable on the workers (a module-level function of the toolkit). Without a
 client the calls run here, in the order of ``items``.
@@ -142,8 +143,9 @@ def _check_environment(client) -> None:
     try:
         theirs = client.run(environment)
     except Exception as exc:  # e.g. a worker without the toolkit cannot unpickle the call
-        raise ClusterError(f"could not read the workers' package versions ({type(exc).__name__}: "
-                           f"{exc}); install the same toolkit and packages on every worker") from None
+        raise ClusterError(f"could not read the workers' package versions "
+                           f"({type(exc).__name__}: {exc}); install the same toolkit and "
+                           f"packages on every worker") from None
     # A source file saved while the workers were hashing is not a mismatch: accept the
     # client's hash from before or after the call.
     source_key = "toolkit source sha256"
@@ -335,6 +337,7 @@ def map_layers(fn: Callable, items: Iterable[tuple[str, tuple]], *, client=None,
 
 def _map_on_cluster(fn, items, client, retries, priority):
     from distributed import as_completed
+    from distributed.scheduler import KilledWorker
 
     marks = [[j for j, a in enumerate(args) if isinstance(a, Scatter)] for _, args in items]
     flat = [(i, j) for i, js in enumerate(marks) for j in js]
@@ -377,7 +380,12 @@ def _map_on_cluster(fn, items, client, retries, priority):
                                    client.scatter(values, hash=False)))
                 submit(i)
                 continue
-            result = fut.result()  # re-raises the task's own exception
+            try:
+                result = fut.result()  # re-raises the task's own exception
+            except KilledWorker as exc:
+                raise ClusterError(f"layer {name!r}: every worker that ran it died "
+                                   f"({exc}); the layer may need more memory than a worker "
+                                   f"has") from None
             fut.release()
             if held[i]:
                 client.cancel([f for _, f in held[i]])
