@@ -6,10 +6,10 @@ same bits come out on a CPU, a GPU or any other torch device:
 
 * bit manipulation on ``view(torch.int32)`` / ``view(torch.int64)`` (block maxima
   over magnitude bits, exponent fields, codes, the stochastic-rounding hash);
-* ``torch.frexp`` for floor(log2|v|) (exact for every finite float);
-* powers of two gathered from the kernels' own table ``POW2`` (so 2^k is the same
-  float64, subnormal or zero, as the kernels use), multiplications by them (exact
-  unless the product under/overflows, and then rounded the same way everywhere);
+* floor(log2|v|) from the float64 exponent field (subnormals scaled by 2^64 first);
+* powers of two built from their bits (the same float64, subnormal or zero, as the
+  kernels' ``POW2`` table holds), multiplications by them (exact unless the product
+  under/overflows, and then rounded the same way everywhere);
 * ``torch.round`` (half to even), ``floor`` / ``ceil`` / ``trunc``, ``copysign``,
   comparisons, ``where``;
 * the float32 steps of NVFP4 and of compat="microxcaling" as single IEEE float32
@@ -56,16 +56,19 @@ _M64 = (1 << 64) - 1
 # ---------------------------------------------------------------------------
 # small exact helpers
 # ---------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _pow2_table(device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(K.POW2.copy()).to(device)
+_INF64_BITS = 0x7FF0000000000000
 
 
 def pow2(k: torch.Tensor) -> torch.Tensor:
-    """2^k as float64 for an int64 tensor k (the kernels' ``pow2``); k is clamped to the
-    table's range first, so lanes that a ``where`` discards later never index outside."""
-    t = _pow2_table(k.device)
-    return t[(k.clamp(-K._P2_OFFSET, K._P2_OFFSET - 1) + K._P2_OFFSET)]
+    """2^k as float64 for an int64 tensor k, built from its bits: the value the kernels'
+    ``pow2`` table holds (a normal number for -1022 <= k <= 1023, the subnormal 2^k down
+    to 2^-1074, 0 below, +Inf above). Shift counts are clamped, so lanes that a ``where``
+    discards later compute no out-of-range shift."""
+    normal = (k.clamp(-1022, 1023) + 1023) << 52
+    sub = torch.ones_like(k) << (k + 1074).clamp(0, 51)
+    bits = torch.where(k >= -1022, normal, torch.where(k >= -1074, sub, torch.zeros_like(k)))
+    bits = torch.where(k > 1023, torch.full_like(k, _INF64_BITS), bits)
+    return bits.view(torch.float64)
 
 
 def _pow2_scalar(k: int) -> float:
@@ -73,9 +76,12 @@ def _pow2_scalar(k: int) -> float:
 
 
 def floor_log2(v: torch.Tensor) -> torch.Tensor:
-    """floor(log2|v|) as int64 for finite nonzero float64 v (exact: frexp); garbage
-    elsewhere (callers mask zeros and non-finite values)."""
-    return torch.frexp(v)[1].to(torch.int64) - 1
+    """floor(log2|v|) as int64 for finite nonzero float64 v, from the exponent field (a
+    subnormal is first scaled by 2^64, exactly, into the normal range); garbage for zeros
+    and non-finite values, which callers mask."""
+    ef = (v.view(torch.int64) >> 52) & 0x7FF
+    ef_sub = ((v * 18446744073709551616.0).view(torch.int64) >> 52) & 0x7FF
+    return torch.where(ef == 0, ef_sub - (1023 + 64), ef - 1023)
 
 
 def _s64(c: int) -> int:

@@ -11,13 +11,21 @@ rounding mode and compat mode):
 
 * ``backend="numba"``: the Numba kernels of ``numfmt.core`` (CPU tensors only);
 * ``backend="torch"``: plain torch tensor operations (``numfmt._torch_backend``),
-  on whatever device the tensor lives.
+  on whatever device the tensor lives, run eagerly (one kernel per operation);
+* ``backend="compiled"``: the same functions of block formats through
+  ``torch.compile`` (fused kernels: Triton on a GPU, C++ on the CPU), compiled on the
+  first call per format, mode, seed and shape (seconds to a minute). The arithmetic
+  has no float step a compiler may contract or reorder into other bits (see
+  ``numfmt._torch_backend``); the tests check the compiled CPU kernels and
+  ``scripts/device_check`` the CUDA ones against Numba. Element formats run eagerly.
 
 ``backend=None`` (the default) takes Numba for CPU tensors and torch elsewhere.
 ``quantize`` returns the same NumPy-backed ``QTensor`` as ``numfmt.quantize`` (codes
 and scales are copied to the host); ``dequantize(q, device=...)`` decodes on a device.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -30,7 +38,7 @@ from numfmt.qtensor import QTensor
 __all__ = ["quantize", "fake_quantize", "dequantize", "BACKENDS", "resolve_backend",
            "check_device"]
 
-BACKENDS = ("numba", "torch")
+BACKENDS = ("numba", "torch", "compiled")
 
 
 def resolve_backend(backend, device) -> str:
@@ -131,8 +139,17 @@ def _rows(x: torch.Tensor, ax: int):
     return xm.contiguous().reshape(-1, L) if L else xm.reshape(0, 0), tuple(moved)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_blocks(fmt, mode: int, compat: str, seed: int, want_codes: bool):
+    """``_torch_backend.quantize_blocks`` for one (format, mode, compat, seed) through
+    torch.compile (made once, compiled on first call per shape)."""
+    def run(x2):
+        return TB.quantize_blocks(x2, fmt, mode, compat, seed, want_codes)
+    return torch.compile(run)
+
+
 def _torch_run(x: torch.Tensor, fmt, ax: int, mode: int, compat: str, seed: int,
-               want_codes: bool):
+               want_codes: bool, compiled: bool = False):
     """The torch implementation. want_codes: (codes int64, scales, tensor_scale, moved
     shape, nblk) on x's device; else the float32 fake-quantized tensor of x's shape."""
     if not isinstance(fmt, BlockFormat):
@@ -153,7 +170,10 @@ def _torch_run(x: torch.Tensor, fmt, ax: int, mode: int, compat: str, seed: int,
         sdt = torch.float64 if fmt.scaling == "absmax" else torch.int64
         return (torch.zeros(moved, dtype=torch.int64, device=x.device),
                 torch.zeros(moved[:-1] + (nblk,), dtype=sdt, device=x.device), ts, moved, nblk)
-    res = TB.quantize_blocks(x2, fmt, mode, compat, seed, want_codes)
+    if compiled:
+        res = _compiled_blocks(fmt, mode, compat, seed, want_codes)(x2)
+    else:
+        res = TB.quantize_blocks(x2, fmt, mode, compat, seed, want_codes)
     if want_codes:
         codes, scales, ts = res
         return codes.reshape(moved), scales.reshape(moved[:-1] + (nblk,)), ts, moved, nblk
@@ -163,12 +183,14 @@ def _torch_run(x: torch.Tensor, fmt, ax: int, mode: int, compat: str, seed: int,
 
 def _fake(x: torch.Tensor, fmt, axis, rounding, compat, seed, backend) -> torch.Tensor:
     """float32 fake-quantized x (x already float32/float64) on x's device."""
-    if resolve_backend(backend, x.device) == "numba":
+    bk = resolve_backend(backend, x.device)
+    if bk == "numba":
         return torch.from_numpy(core.fake_quantize(_to_numpy(x), fmt, axis=axis,
                                                    rounding=rounding, compat=compat, seed=seed))
     fmt, mode, seed = _check_args(fmt, rounding, compat, seed, x.ndim)
     ax = core._check_axis(axis, x.ndim)
-    return _torch_run(x.detach(), fmt, ax, mode, compat, seed, want_codes=False)
+    return _torch_run(x.detach(), fmt, ax, mode, compat, seed, want_codes=False,
+                      compiled=bk == "compiled")
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -203,7 +225,8 @@ def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne"
     estimator. Returns float32 values cast to x's dtype.
 
     backend  None: Numba for CPU tensors, torch elsewhere; "torch" forces the torch
-             implementation (any device); "numba" the Numba kernels (CPU only).
+             implementation (any device); "compiled" the same through torch.compile;
+             "numba" the Numba kernels (CPU only). All give the same bits.
     out      an optional contiguous tensor of x's shape, dtype and device to write the
              result into (and return); it may be x itself. Not with autograd."""
     if not isinstance(x, torch.Tensor):
@@ -230,7 +253,8 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne",
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}; "
                         f"use numfmt.quantize for NumPy arrays")
     t = _check_tensor(x)
-    if resolve_backend(backend, t.device) == "numba":
+    bk = resolve_backend(backend, t.device)
+    if bk == "numba":
         return core.quantize(_to_numpy(t), fmt, axis=axis, rounding=rounding, compat=compat,
                              seed=seed)
     fmt, mode, seed = _check_args(fmt, rounding, compat, seed, t.ndim)
@@ -240,7 +264,7 @@ def quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne",
         codes = _torch_run(t.detach(), fmt, ax, mode, compat, seed, want_codes=True)
         return QTensor(_codes_np(codes, fmt.bits), None, fmt, ax, shape)
     codes, scales, ts, moved, nblk = _torch_run(t.detach(), fmt, ax, mode, compat, seed,
-                                                want_codes=True)
+                                                want_codes=True, compiled=bk == "compiled")
     codes = _codes_np(codes, fmt.element.bits)
     if fmt.scaling == "absmax":
         scales = scales.cpu().numpy().astype(core._SCALE_DTYPES[fmt.scale.name])

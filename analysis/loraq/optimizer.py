@@ -177,10 +177,10 @@ class _Buffers:
     torch: 64-byte aligned (MKL's GEMMs writing into NumPy's 16-byte-aligned arrays
     measured 20 % slower)."""
 
-    def __init__(self, out: int, inp: int, r: int, device=None):
-        # device: None for the Numba path; a torch.device for the torch backend there
-        # (no NumPy views: the quantizers write into the tensors through ``out=``)
-        self.device = device
+    def __init__(self, out: int, inp: int, r: int, device=None, backend: str = "torch"):
+        # device: None for the Numba path; a torch.device for numfmt's torch ``backend``
+        # there (no NumPy views: the quantizers write into the tensors through ``out=``)
+        self.device, self.backend = device, backend
 
         def pair(*shape):
             if device is not None:
@@ -193,12 +193,12 @@ class _Buffers:
         self.B_np, self.B = pair(r, inp)
 
 
-def _fq(x: torch.Tensor, fmt, out_np=None, out=None) -> torch.Tensor:
+def _fq(x: torch.Tensor, fmt, out_np=None, out=None, backend: str = "torch") -> torch.Tensor:
     """numfmt.fake_quantize along axis 1 (the fused Numba kernel), no gradient; into
     ``out_np`` / its torch view ``out`` when given. With ``out`` but no ``out_np`` (a
-    ``_Buffers`` on a device): numfmt's torch backend on x's device, into ``out``."""
+    ``_Buffers`` on a device): numfmt.torch's ``backend`` on x's device, into ``out``."""
     if out is not None and out_np is None:
-        return nft.fake_quantize(x.detach(), fmt, axis=1, backend="torch", out=out)
+        return nft.fake_quantize(x.detach(), fmt, axis=1, backend=backend, out=out)
     y = numfmt.fake_quantize(x.detach().numpy(), fmt, axis=1, out=out_np)
     return out if out is not None else torch.from_numpy(y)
 
@@ -274,10 +274,11 @@ def step_gradients(Wn, L, R, Om, main, branch, H=None, buffers=None):
             P = torch.addmm(Wn, A, B, alpha=-1.0)
             E = P.sub_(_fq(P, main))              # = P - Q1(P), Q1(P) fixed for this step
         else:
-            A = _fq(Lo, branch, buffers.A_np, buffers.A)
-            B = _fq(Ro, branch, buffers.B_np, buffers.B)
+            bk = buffers.backend
+            A = _fq(Lo, branch, buffers.A_np, buffers.A, bk)
+            B = _fq(Ro, branch, buffers.B_np, buffers.B, bk)
             P = torch.addmm(Wn, A, B, alpha=-1.0, out=buffers.P)
-            E = P.sub_(_fq(P, main, buffers.Q_np, buffers.Q))
+            E = P.sub_(_fq(P, main, buffers.Q_np, buffers.Q, bk))
         G = E if H is None else (E @ H if H.ndim == 2 else E * H)
         loss = _sum_of_products(E, G, None if buffers is None else buffers.Q)
         gA = (G @ B.T).mul_(-2.0)
@@ -320,7 +321,7 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
              init: str = "svd",
              weighting: str = "full", lr_decay: float = 0.5,
              schedule: str = "plateau", omega_lr: float = 0.02, min_lr_scale: float = 1 / 8,
-             early_stop: bool = True, device=None) -> LoRaQResult:
+             early_stop: bool = True, device=None, backend: str | None = None) -> LoRaQResult:
     """Optimize a LoRaQ decomposition of W (see the module docstring).
 
     W           out x in weight (numpy array or torch tensor; float64 internally
@@ -347,6 +348,8 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
     device      None: CPU with the Numba kernels (default); a torch device ("cuda",
                 "cuda:1", "cpu"): the loop on that device with numfmt's torch backend
                 (module docstring). The returned QTensors are NumPy-backed either way.
+    backend     with ``device``: numfmt.torch's "torch" (default, eager) or "compiled"
+                (torch.compile'd quantizers: the same bits, fused kernels).
     Returns a LoRaQResult whose ``history`` is the relative error
     ||W - W_hat_t||_F / ||W||_F of each iterate (float32 arithmetic) and whose
     ``rel_error`` is that of the best iterate, recomputed in float64.
@@ -380,14 +383,20 @@ def optimize(W, *, main: str = "mxint4", branch: str = "mxint8", rank=None, ref_
         raise ValueError(f"lr_decay={lr_decay} must be in (0, 1]")
     X = as_activations(activations, W64.shape[1])
     dev = None if device is None else nft.check_device(device)
+    if backend is not None:
+        if dev is None:
+            raise ValueError(f"backend={backend!r} applies to a device run; pass device= "
+                             f"too (the default path uses the Numba kernels)")
+        if backend not in ("torch", "compiled"):
+            raise ValueError(f"backend={backend!r} is not one of ('torch', 'compiled')")
     with fp32_matmul(dev if dev is not None else "cpu"):
-        return _optimize(W64, X, t0, dev, main, branch, r, rotation, steps, lr, seed, tol,
-                         patience, init, weighting, lr_decay, schedule, omega_lr,
-                         min_lr_scale, early_stop)
+        return _optimize(W64, X, t0, dev, backend or "torch", main, branch, r, rotation,
+                         steps, lr, seed, tol, patience, init, weighting, lr_decay, schedule,
+                         omega_lr, min_lr_scale, early_stop)
 
 
-def _optimize(W64, X, t0, dev, main, branch, r, rotation, steps, lr, seed, tol, patience,
-              init, weighting, lr_decay, schedule, omega_lr, min_lr_scale,
+def _optimize(W64, X, t0, dev, backend, main, branch, r, rotation, steps, lr, seed, tol,
+              patience, init, weighting, lr_decay, schedule, omega_lr, min_lr_scale,
               early_stop) -> LoRaQResult:
     """The body of ``optimize`` after its checks; ``dev`` None (Numba on the CPU) or a
     torch.device (the torch backend there)."""
@@ -399,6 +408,8 @@ def _optimize(W64, X, t0, dev, main, branch, r, rotation, steps, lr, seed, tol, 
               "activations": None if X is None else list(X.shape)}
     if dev is not None:
         config["device"] = str(dev)
+        if backend != "torch":
+            config["backend"] = backend
     torch.manual_seed(seed)
 
     rms = math.sqrt(float(np.mean(np.square(W64))))
@@ -446,7 +457,7 @@ def _optimize(W64, X, t0, dev, main, branch, r, rotation, steps, lr, seed, tol, 
         H = H / (H.diagonal().mean() if weighting == "full" else H.mean()).clamp_min(1e-30)
         H = H.to(flat.device)
     opt = _Adam(params, lrs)
-    buffers = _Buffers(n_out, n_in, rp, dev)
+    buffers = _Buffers(n_out, n_in, rp, dev, backend)
 
     norm2 = _sum_of_products(Wn, Wn if H is None else (Wn @ H if H.ndim == 2 else Wn * H))
     history: list[float] = []

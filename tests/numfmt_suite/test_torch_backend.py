@@ -341,3 +341,13 @@ def test_cuda_auto_backend_and_gradient():
                      numfmt.fake_quantize(x.detach().cpu().numpy(), "mxfp4"))
     with pytest.raises(ValueError, match="cuda"):
         nft.fake_quantize(x.detach(), "mxfp4", out=torch.empty(x.shape))
+
+
+def test_compiled_backend_equals_numba():
+    """backend="compiled" (torch.compile of the same functions; C++ kernels on the CPU)
+    gives the Numba bits on the edge matrix: the arithmetic leaves a compiler nothing to
+    contract or reorder. One format and mode only: each compiles for several seconds."""
+    fmt = numfmt.get("mxfp4")
+    x = edge_matrix(fmt)
+    got = nft.fake_quantize(torch.from_numpy(x), fmt, backend="compiled")
+    assert same_bits(got.numpy(), numfmt.fake_quantize(x, fmt))
