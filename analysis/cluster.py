@@ -54,7 +54,8 @@ so the command line prints it as one line (exit code 2).
 result)`` in completion order. With a client each call is one Dask task
 (``client.submit``, higher ``priority[name]`` first); an argument wrapped in
 ``scatter(value)`` is sent to the cluster once (``client.scatter``) and the
-task receives the value. A task whose worker dies is rerun on another worker
+task receives the value (other arguments travel inside the task's message,
+through the scheduler: fine for small values). A task whose worker dies is rerun on another worker
 by the scheduler (up to ``distributed.scheduler.allowed-failures``, 3 by
 default, then ``ClusterError``); scattered data that died with its worker (Dask cannot recompute it)
 is sent again and its task resubmitted (up to 3 times); a task that raises
@@ -234,7 +235,7 @@ def _connect(workers, scheduler, tls_ca_file, tls_cert, tls_key, threads_per_wor
     if scheduler is None:
         local = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
                              processes=True, host="127.0.0.1", dashboard_address=None,
-                             silence_logs=logging.ERROR)
+                             silence_logs=logging.CRITICAL)  # task errors reach the client
         try:
             client = Client(local, set_as_default=False)
             try:
