@@ -94,6 +94,12 @@ def test_local_cluster_bit_identical_to_serial(local_client, serial, tmp_path):
     for name in one:
         same_bits(one[name], three[name])
     layer_files_equal(one_dir, tmp_path / "file", one)
+    # a rerun computes nothing: every layer file is left untouched
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "file").iterdir()}
+    optimize_model(f, tmp_path / "file", client=local_client, **KW)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "file").iterdir()}
+    assert {k: v for k, v in after.items() if k != "index.json"} == \
+        {k: v for k, v in before.items() if k != "index.json"}
 
 
 def test_map_layers_errors_and_order(local_client):
@@ -357,5 +363,7 @@ def test_bad_cluster_options(tmp_path, capsys):
             pass
     with cluster.connect(workers=1) as c:  # one process: no cluster at all
         assert c is None and cluster.describe(c) == "in this process"
+    with pytest.raises(ValueError, match="workers=0 is not allowed"):
+        optimize_model(weights(), tmp_path / "x", workers=0)
     with pytest.raises(ValueError, match="client= or workers=2"):
         optimize_model(weights(), tmp_path / "x", client=object(), workers=2)

@@ -219,6 +219,8 @@ def optimize_model(weights, out_dir, *, method: str = "loraq", client=None,
         workers = check_int(processes, "processes", 1)
     if client is not None and workers is not None:
         raise ValueError(f"give client= or workers={workers}, not both")
+    # checks workers= now; starts a LocalCluster only if a layer is left to compute
+    where = cluster.connect(workers=workers) if client is None else nullcontext(client)
     if "threads" in kwargs:
         raise ValueError("optimize_model runs each layer with threads=1; use workers= or a "
                          "client for parallelism")
@@ -312,8 +314,7 @@ def optimize_model(weights, out_dir, *, method: str = "loraq", client=None,
 
     # largest layers first, so that no worker is left with a big one at the end
     priority = {name: shapes[name][0] * shapes[name][1] for name, _ in items}
-    with (cluster.connect(workers=workers) if client is None and items
-          else nullcontext(client)) as c:
+    with (where if items else nullcontext(None)) as c:
         for name, res in cluster.map_layers(_layer_task, items, client=c, priority=priority):
             save_result(res, out / stems[name])  # atomic; the JSON last
             metrics[name] = res.metrics()
