@@ -842,7 +842,8 @@ _STAT_LOCK = threading.Lock()
 
 
 def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DEFAULT_FLOAT,
-           out: str = "fp32", prefix_stats: bool = False) -> GemmResult:
+           out: str = "fp32", prefix_stats: bool = False,
+           promote_every: int | None = None) -> GemmResult:
     """``a @ b.T`` as an integer-accumulate MAC array computes it (module docstring).
 
     ``a``: QTensor M x K quantized along axis 1; ``b``: QTensor N x K along axis 1
@@ -854,11 +855,32 @@ def matmul(a, b, *, acc: Accumulator = _DEFAULT_ACC, inter_block: FloatAcc = _DE
 
     An element format without scales has scale 1 and adopts the other operand's
     block size; if neither has scales, the whole of K is one block.
+
+    ``inter_block`` may instead be a ``hwsim.TensorCore`` (``hwsim.tensor_core(...)``):
+    the GEMM then runs the way that matrix unit accumulates it (``hwsim.tensorcore``
+    docstring: operands of its input format with power-of-two or no block scales, chunks
+    of ``fma_size`` products aligned and truncated inside the unit, chained over K), with
+    FP32 promotion every ``promote_every`` elements (None: never). The integer
+    accumulator statistics do not apply there (``max_abs_acc`` 0, ``path`` "tensorcore").
     """
+    from hwsim.tensorcore import TensorCore, matmul_tensorcore
     if not isinstance(acc, Accumulator):
         raise TypeError(f"acc must be a hwsim.Accumulator, got {type(acc).__name__}")
+    if isinstance(inter_block, TensorCore):
+        if acc != _DEFAULT_ACC or prefix_stats:
+            raise ValueError("acc= and prefix_stats= describe the integer accumulator; a "
+                             "TensorCore accumulates inside the unit (leave them unset)")
+        if out != "fp32":
+            raise ValueError(f"out={out!r} is not allowed; allowed: 'fp32'")
+        res = matmul_tensorcore(a, b, inter_block, promote_every)
+        return GemmResult(res, 0, 0, bits_for(0), block_length=int(inter_block.fma_size),
+                          product_quantum_exp=0, path="tensorcore")
     if not isinstance(inter_block, FloatAcc):
-        raise TypeError(f"inter_block must be a hwsim.FloatAcc, got {type(inter_block).__name__}")
+        raise TypeError(f"inter_block must be a hwsim.FloatAcc or hwsim.TensorCore, got "
+                        f"{type(inter_block).__name__}")
+    if promote_every is not None:
+        raise ValueError("promote_every= goes with a TensorCore inter_block; a FloatAcc takes "
+                         "FloatAcc(promote_every=...)")
     if out != "fp32":
         raise ValueError(f"out={out!r} is not allowed; allowed: 'fp32'")
     A = operand_integers(a, "a")

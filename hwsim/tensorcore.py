@@ -78,9 +78,10 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 import numfmt
+from numfmt._kernels import f64_bits, f64_from_bits
 from numfmt.formats import FloatFormat
 
 __all__ = ["TensorCore", "tensor_core", "GPUS", "INPUTS", "OUTPUTS", "ROUNDINGS",
@@ -167,8 +168,13 @@ class TensorCore:
                 raise ValueError(f"result_mantissa_bits={rm} is not allowed for "
                                  f"{self.output_format} output; allowed 1..{full}")
         ma = self.min_anchor_exponent
-        if ma is not None and (isinstance(ma, bool) or not isinstance(ma, (int, np.integer))):
-            raise TypeError(f"TensorCore min_anchor_exponent must be an int or None, got {ma!r}")
+        if ma is not None:
+            if isinstance(ma, bool) or not isinstance(ma, (int, np.integer)):
+                raise TypeError(f"TensorCore min_anchor_exponent must be an int or None, "
+                                f"got {ma!r}")
+            if not -600 <= ma <= 600:
+                raise ValueError(f"TensorCore min_anchor_exponent={ma} is out of range; "
+                                 f"allowed -600..600 (or None)")
 
     # --- derived values (never typed in twice) ---------------------------------------
     @property
@@ -238,11 +244,13 @@ class TensorCore:
         out = np.zeros(n, dtype=np.float32)
         if n == 0:
             return out
-        MA, EA = decode_operand(A, self)
-        MB, EB = decode_operand(B, self)
-        special = ~np.isfinite(A).all(axis=1) | ~np.isfinite(B).all(axis=1) | ~np.isfinite(C)
+        if not self.subnormal_outputs and not promote:  # c enters the unit
+            C = np.where(np.abs(C) < self.output.min_normal, 0.0, C)
+        VA, EA, spec_a = decode_operand(A, self, name="a")
+        VB, EB, spec_b = decode_operand(B, self, name="b")
+        special = spec_a | spec_b | ~np.isfinite(C)
         res = np.empty(n, dtype=np.float64)
-        _dot_rows(MA, EA, MB, EB, C, *_kernel_params(self), promote, res)
+        _split(_dot_rows, n, VA, EA, VB, EB, C, *_kernel_params(self), promote, res)
         if special.any():
             res[special] = _ieee_rows(A[special], B[special], C[special])
         out[:] = res
@@ -383,9 +391,23 @@ def _check_values(x: np.ndarray, fmt: FloatFormat, name: str) -> None:
                          f"{name} must hold values of the unit's {fmt.name} format")
 
 
+def _as_values(x, name: str, fmt: FloatFormat) -> np.ndarray:
+    """x as a C-contiguous float32 array (every input format is a subset of FP32); a value
+    that float32 cannot hold is not one of ``fmt``'s: ValueError naming it."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float32:
+        return np.ascontiguousarray(x)
+    arr = _as_2d(x, name)
+    a32 = arr.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        same = (a32 == arr) | (np.isnan(a32) & np.isnan(arr))
+    if not same.all():
+        _check_values(arr, fmt, name)
+    return np.ascontiguousarray(a32)
+
+
 def _check_dot_args(tc: TensorCore, a, b, c):
-    A = _as_2d(a, "a")
-    B = _as_2d(b, "b")
+    A = _as_values(a, "a", tc.input)
+    B = _as_values(b, "b", tc.input)
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(f"a and b must be 2-D (n, K); got shapes {A.shape} and {B.shape}")
     if A.shape != B.shape:
@@ -395,13 +417,10 @@ def _check_dot_args(tc: TensorCore, a, b, c):
     if c is None:
         C = np.zeros(n, dtype=np.float64)
     else:
-        C = _as_2d(c, "c")
+        C = np.ascontiguousarray(_as_2d(c, "c"))
         if C.shape != (n,):
             raise ValueError(f"c has shape {C.shape}; it must be ({n},), one addend per row "
                              f"of a {A.shape}")
-    A, B, C = (np.ascontiguousarray(v) for v in (A, B, C))
-    _check_values(A, tc.input, "a")
-    _check_values(B, tc.input, "b")
     _check_values(C, tc.output, "c")
     return A, B, C
 
@@ -417,51 +436,125 @@ def _check_promote(tc: TensorCore, promote_every) -> int:
     return int(promote_every)
 
 
+def _raise_bad(x: np.ndarray, bad: np.ndarray, fmt: FloatFormat, name: str) -> None:
+    rows = np.nonzero(bad >= 0)[0]
+    if rows.size:
+        i = int(rows[0])
+        j = int(bad[i])
+        where = ", ".join(str(int(t)) for t in np.unravel_index(i * x.shape[1] + j, x.shape))
+        raise ValueError(f"{name}[{where}] = {float(x[i, j])!r} is not representable in "
+                         f"{fmt.name}; {name} must hold values of the unit's {fmt.name} format")
+
+
 # ---------------------------------------------------------------------------
-# decoding: values -> (integer significand, exponent)
+# decoding: values -> (integer significand, exponent), checking representability
 # ---------------------------------------------------------------------------
-def decode_operand(x: np.ndarray, tc: TensorCore, exp_offset: np.ndarray | None = None):
-    """Significands and exponents of input-format values: ``x = M * 2^(e - p)`` with
-    ``e = max(floor(log2|x|), emin_in)`` (+ ``exp_offset``, a power-of-two scale folded
-    into the exponent). int64 signed M, int64 e; a zero (or flushed subnormal, or a
-    NaN / Inf, whose rows go the IEEE way) has M = 0 and a very low e."""
+def _decode_params(tc: TensorCore):
     fmt = tc.input
-    x = np.ascontiguousarray(x, dtype=np.float64)
-    M = np.empty(x.shape, dtype=np.int64)
-    E = np.empty(x.shape, dtype=np.int64)
-    off = (np.zeros((1, 1), dtype=np.int64) if exp_offset is None
-           else np.ascontiguousarray(exp_offset, dtype=np.int64))
-    _decode(x.reshape(x.shape[0], -1) if x.ndim == 2 else x.reshape(1, -1),
-            M.reshape(x.shape[0], -1) if x.ndim == 2 else M.reshape(1, -1),
-            E.reshape(x.shape[0], -1) if x.ndim == 2 else E.reshape(1, -1),
-            fmt.mantissa_bits, fmt.emin, bool(tc.subnormal_inputs), off, exp_offset is not None)
-    return M, E
+    return (fmt.mantissa_bits, fmt.emin, fmt.max_normal, bool(tc.subnormal_inputs),
+            fmt.has_nan, fmt.has_inf)
+
+
+def decode_operand(x: np.ndarray, tc: TensorCore, exp_offset: np.ndarray | None = None,
+                   name: str = "x"):
+    """Values and exponents of input-format values (2-D) as the unit sees them:
+    ``x = M * 2^(e - p)`` with ``e = max(floor(log2|x|), emin_in)``, plus ``exp_offset``
+    (a power-of-two scale folded into the exponent). Returns float64 ``V = M *
+    2^(e + offset - p)`` (exact), int32 ``e + offset`` and the rows holding a NaN or
+    Inf. A zero, a flushed subnormal, a NaN or an Inf has V = 0 and e = -2^24 (below any
+    anchor). A value that is not one of the input format's raises ValueError naming the
+    first one (row-major) and its index."""
+    x = np.ascontiguousarray(x, dtype=np.float32)  # one kernel signature: input formats
+    V = np.empty(x.shape, dtype=np.float64)        # are all subsets of FP32
+    E = np.empty(x.shape, dtype=np.int32)
+    bad = np.empty(x.shape[0], dtype=np.int64)
+    spec = np.empty(x.shape[0], dtype=np.bool_)
+    off = (np.zeros((1, 1), dtype=np.int32) if exp_offset is None
+           else np.ascontiguousarray(exp_offset, dtype=np.int32))
+    _split(_decode, x.shape[0], x, V, E, bad, spec, *_decode_params(tc), off,
+           exp_offset is not None)
+    _raise_bad(x, bad, tc.input, name)
+    return V, E, spec
 
 
 _JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
+_POOL: list = []
 
 
-@njit(parallel=True, **_JIT)
-def _decode(x, M, E, p, emin, subnormals, off, use_off):
-    rows, K = x.shape
-    for i in prange(rows):
-        for k in range(K):
-            v = x[i, k]
-            if v == 0.0 or not np.isfinite(v):
-                M[i, k] = 0
-                E[i, k] = _NEG_EXP
-                continue
-            f, ex = math.frexp(abs(v))
-            e = ex - 1
-            if e < emin:
-                if not subnormals:
-                    M[i, k] = 0
-                    E[i, k] = _NEG_EXP
-                    continue
-                e = emin
-            m = np.int64(math.ldexp(abs(v), p - e))
-            M[i, k] = -m if v < 0 else m
-            E[i, k] = e + (off[i, k] if use_off else 0)
+def _split(kernel, n: int, *args) -> None:
+    """Run ``kernel(start, stop, *args)`` over [0, n) in numba.get_num_threads() contiguous
+    pieces on worker threads (the kernels release the GIL; each output element is written
+    by one piece, so the bits do not depend on the thread count). Plain njit kernels
+    compile several times faster than parallel=True ones."""
+    threads = max(1, min(numba.get_num_threads(), n))
+    if threads == 1:
+        kernel(0, n, *args)
+        return
+    if not _POOL or _POOL[0]._max_workers < threads:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[:] = [ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tensorcore")]
+    step = -(-n // threads)
+    futs = [_POOL[0].submit(kernel, i, min(i + step, n), *args) for i in range(0, n, step)]
+    for f in futs:
+        f.result()
+
+
+_MASK52 = (1 << 52) - 1
+
+
+@njit(inline="always", **_JIT)
+def _decode_row(x, V, E, p, emin, max_normal, subnormals, has_nan, has_inf, off, use_off):
+    """Decode one row; returns (first bad column or -1, row holds a NaN / Inf)."""
+    first = -1
+    special = False
+    for k in range(x.shape[0]):
+        v = np.float64(x[k])
+        V[k] = 0.0
+        E[k] = _NEG_EXP
+        if v == 0.0:
+            continue
+        av = abs(v)
+        if not av <= max_normal:  # NaN, Inf, or beyond the format
+            if v != v:
+                ok = has_nan
+            else:
+                ok = has_inf and av == np.inf
+            special = True
+            if not ok and first < 0:
+                first = k
+            continue
+        bits = f64_bits(av)
+        ef = (bits >> 52) & 0x7FF
+        e = ef - 1023
+        full = (bits & _MASK52) | (np.int64(1) << 52)
+        ec = e if e > emin else emin
+        sh = 52 - p + (ec - e)
+        if ef == 0 or sh > 62:  # far below the smallest subnormal
+            if first < 0:
+                first = k
+            continue
+        if ((full >> sh) << sh) != full:
+            if first < 0:
+                first = k
+            continue
+        if e < emin and not subnormals:
+            continue  # flushed to zero
+        if use_off:
+            o = np.int64(off[k])
+            V[k] = v * f64_from_bits((np.int64(1023) + o) << 52)  # exact: a power of two
+            E[k] = ec + o
+        else:
+            V[k] = v
+            E[k] = ec
+    return first, special
+
+
+@njit(**_JIT)
+def _decode(r0, r1, x, V, E, bad, spec, p, emin, max_normal, subnormals, has_nan, has_inf,
+            off, use_off):
+    for i in range(r0, r1):
+        bad[i], spec[i] = _decode_row(x[i], V[i], E[i], p, emin, max_normal, subnormals,
+                                      has_nan, has_inf, off[i] if use_off else off[0], use_off)
 
 
 # ---------------------------------------------------------------------------
@@ -477,154 +570,186 @@ def _kernel_params(tc: TensorCore):
 
 
 @njit(inline="always", **_JIT)
-def _shift_trunc(mag, sh):
-    """mag * 2^sh truncated toward zero (mag >= 0), and whether bits were lost."""
-    if sh >= 0:
-        return mag << sh, False
-    r = -sh
-    if r >= 62:
-        return np.int64(0), mag != 0
-    q = mag >> r
-    return q, (q << r) != mag
+def _bitlen(a):
+    """Bits of a positive int64 below 2^53 (exact through float64)."""
+    return ((f64_bits(np.float64(a)) >> 52) & 0x7FF) - 1022
 
 
 @njit(inline="always", **_JIT)
-def _round_out(S, lsb, m_out, emin, emax, rne, out_sub):
-    """S * 2^lsb (S an int64 below 2^53 in magnitude) rounded to m_out fraction bits,
-    exponent range [emin, emax] with subnormals; overflow gives +-Inf."""
+def _round_q(S, lsb, m_out, emin, emax, rne, out_sub):
+    """S * 2^lsb (|S| < 2^53) rounded to m_out fraction bits in [emin, emax] with
+    subnormals: returns (negative, q, qe, overflow) with the value (-1)^neg * q * 2^qe."""
     if S == 0:
-        return 0.0
-    A = -S if S < 0 else S
-    _, nb = math.frexp(np.float64(A))  # A < 2^53: exact; 2^(nb-1) <= A < 2^nb
-    e = nb - 1 + lsb
+        return False, np.int64(0), np.int64(0), False
+    neg = S < 0
+    A = -S if neg else S
+    e = _bitlen(A) - 1 + lsb
     if e < emin:
         e = emin
     qe = e - m_out
     sh = qe - lsb
     if sh <= 0:
-        val = math.ldexp(np.float64(A), lsb)
+        q = A
+        qe = lsb
+    elif sh >= 62:
+        q = np.int64(0)
     else:
-        if sh >= 62:
-            q = np.int64(0)
-            rem = A
-            half_up = False
-        else:
-            q = A >> sh
+        q = A >> sh
+        if rne:
             rem = A - (q << sh)
             half = np.int64(1) << (sh - 1)
-            half_up = rem > half or (rem == half and (q & 1) == 1)
-        if rne and half_up:
-            q += 1
-        val = math.ldexp(np.float64(q), qe)
-    if val >= math.ldexp(1.0, emax + 1):
-        val = np.inf
-    if not out_sub and val < math.ldexp(1.0, emin):
-        val = 0.0
-    return -val if S < 0 else val
+            if rem > half or (rem == half and (q & 1) == 1):
+                q += 1
+    if q == 0:
+        return neg, q, qe, False
+    top = _bitlen(q) - 1 + qe
+    if top > emax:
+        return neg, q, qe, True
+    if not out_sub and top < emin:
+        return neg, np.int64(0), qe, False
+    return neg, q, qe, False
 
 
 @njit(inline="always", **_JIT)
-def _block(MA, EA, ia, MB, EB, ib, k0, k1, c, p, F, m_out, emin, emax, rne, sticky, denorm,
-           min_anchor, out_sub):
-    """One operation of the unit on products k0..k1-1 of rows ia (A) and ib (B), addend c."""
-    if not np.isfinite(c):  # an overflowed running sum: IEEE from here on
-        s = c
-        for k in range(k0, k1):
-            s += math.ldexp(np.float64(MA[ia, k] * MB[ib, k]), EA[ia, k] + EB[ib, k] - 2 * p)
-        return s
-    if not out_sub and c != 0.0 and abs(c) < math.ldexp(1.0, emin):
-        c = 0.0
-    two_p1 = np.int64(1) << (2 * p + 1)
+def _anchor(va, ea, vb, eb, k0, k1, denorm):
+    """Largest product exponent ea + eb over products k0..k1-1 (zeros sit below -2^24);
+    with normalized products, + 1 for a product of magnitude >= 2^(ea + eb + 1)."""
     X = np.int64(-(1 << 40))
-    for k in range(k0, k1):
-        P = MA[ia, k] * MB[ib, k]
-        Ek = EA[ia, k] + EB[ib, k]
-        if not denorm and (P >= two_p1 or -P >= two_p1):
-            Ek += 1
-        if P != 0 and Ek > X:
-            X = Ek
-    Ec = np.int64(0)
-    Mc = np.int64(0)
-    if c != 0.0:
-        _, ex = math.frexp(abs(c))
-        Ec = ex - 1
+    if denorm:
+        for k in range(k0, k1):
+            X = max(X, np.int64(ea[k]) + np.int64(eb[k]))
+    else:
+        for k in range(k0, k1):
+            E = np.int64(ea[k]) + np.int64(eb[k])
+            if abs(va[k] * vb[k]) >= math.ldexp(1.0, E + 1):
+                E += 1
+            X = max(X, E)
+    return X
+
+
+@njit(inline="always", **_JIT)
+def _aligned_sum(va, vb, k0, k1, scale, sticky):
+    """sum_k trunc(a_k * b_k / u) with scale = 1 / u (a power of two): every product is
+    exact in float64, the scaling exact, the conversion to int64 truncates toward zero
+    (drops the bits below u), and the integer sum is exact in any order. With ``sticky``
+    each term is 2 * trunc + the OR of the bits it lost, in units of u / 2."""
+    S = np.int64(0)
+    if not sticky:
+        for k in range(k0, k1):
+            S += np.int64(va[k] * vb[k] * scale)
+    else:
+        for k in range(k0, k1):
+            y = va[k] * vb[k] * scale
+            t = np.int64(y)
+            lost = np.int64(np.float64(t) != y)
+            S += 2 * t + (-lost if y < 0 else lost)
+    return S
+
+
+@njit(inline="always", **_JIT)
+def _block(va, ea, vb, eb, k0, k1, c_neg, c_q, c_qe, F, m_out, emin, emax, rne, sticky,
+           denorm, min_anchor, out_sub):
+    """One operation of the unit on products k0..k1-1 of rows (va, ea) and (vb, eb) and
+    the addend (-1)^c_neg * c_q * 2^c_qe; returns the rounded result (neg, q, qe, inf)."""
+    X = _anchor(va, ea, vb, eb, k0, k1, denorm)
+    if c_q != 0:
+        Ec = _bitlen(c_q) - 1 + c_qe  # the addend read as FP32: exponent >= -126
         if Ec < -126:
             Ec = np.int64(-126)
-        Mc = np.int64(math.ldexp(abs(c), 23 - Ec))
         if Ec > X:
             X = Ec
-    elif X == -(1 << 40):
-        return 0.0
+    elif X < -(1 << 23):  # no nonzero product, zero addend
+        return False, np.int64(0), np.int64(0), False
     if X < min_anchor:
-        X = min_anchor
-    lsb = X - F
-    S = np.int64(0)
-    for k in range(k0, k1):
-        P = MA[ia, k] * MB[ib, k]
-        if P == 0:
-            continue
-        mag = -P if P < 0 else P
-        t, lost = _shift_trunc(mag, EA[ia, k] + EB[ib, k] - 2 * p - lsb)
+        X = np.int64(min_anchor)
+    # the products' values carry 2^-p each: a_k * b_k is P_k * 2^(E_k - 2p)
+    # 2^(F - X) built from its bits (|F - X| < 1000 for any input with its scale)
+    S = _aligned_sum(va, vb, k0, k1, f64_from_bits((np.int64(1023) + F - X) << 52), sticky)
+    if c_q != 0:
+        sh = c_qe - (X - F)
+        if sh >= 0:
+            t = c_q << sh
+            lost = False
+        else:
+            r = min(-sh, 62)
+            t = c_q >> r
+            lost = (t << r) != c_q
         if sticky:
             t = (t << 1) | np.int64(lost)
-        S += -t if P < 0 else t
-    if Mc != 0:
-        t, lost = _shift_trunc(Mc, Ec - 23 - lsb)
-        if sticky:
-            t = (t << 1) | np.int64(lost)
-        S += -t if c < 0 else t
-    if sticky:
-        lsb -= 1
-    return _round_out(S, lsb, m_out, emin, emax, rne, out_sub)
+        S += -t if c_neg else t
+    lsb = X - F - (1 if sticky else 0)
+    return _round_q(S, lsb, m_out, emin, emax, rne, out_sub)
 
 
 @njit(inline="always", **_JIT)
-def _chain(MA, EA, ia, MB, EB, ib, K, c, p, F, m_out, emin, emax, rne, sticky, denorm,
-           min_anchor, out_sub, fma, promote):
+def _to_float(neg, q, qe, inf):
+    v = np.inf if inf else math.ldexp(np.float64(q), qe)
+    return -v if neg else v
+
+
+@njit(inline="always", **_JIT)
+def _from_float(c):
+    """A finite float c as (neg, q, qe) with c = (-1)^neg * q * 2^qe, q < 2^53."""
+    if c == 0.0:
+        return False, np.int64(0), np.int64(0)
+    bits = f64_bits(abs(c))
+    ef = (bits >> 52) & 0x7FF
+    full = (bits & _MASK52) | (np.int64(1) << 52)
+    return c < 0, full, ef - 1075
+
+
+@njit(inline="always", **_JIT)
+def _chain(ma, ea, mb, eb, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+           out_sub, fma, promote):
     """D_{j+1} = TC(chunk j, D_j) over all of K; with ``promote`` > 0 the partial sum is
     added (FP32, RNE) into a register every ``promote`` products and restarted at +0."""
+    K = ma.shape[0]
     if promote == 0:
-        d = c
+        neg, q, qe = _from_float(c)
+        inf = False
         for k0 in range(0, K, fma):
-            k1 = min(k0 + fma, K)
-            d = _block(MA, EA, ia, MB, EB, ib, k0, k1, d, p, F, m_out, emin, emax, rne,
-                       sticky, denorm, min_anchor, out_sub)
-        return d
+            neg, q, qe, inf = _block(ma, ea, mb, eb, k0, min(k0 + fma, K), neg, q, qe, F,
+                                     m_out, emin, emax, rne, sticky, denorm, min_anchor,
+                                     out_sub)
+            if inf:  # +-Inf plus finite products stays +-Inf
+                break
+        return _to_float(neg, q, qe, inf)
     reg = np.float32(c)
-    d = 0.0
+    neg, q, qe, inf = False, np.int64(0), np.int64(0), False
     for k0 in range(0, K, fma):
         k1 = min(k0 + fma, K)
-        d = _block(MA, EA, ia, MB, EB, ib, k0, k1, d, p, F, m_out, emin, emax, rne, sticky,
-                   denorm, min_anchor, out_sub)
+        if not inf:
+            neg, q, qe, inf = _block(ma, ea, mb, eb, k0, k1, neg, q, qe, F, m_out, emin,
+                                     emax, rne, sticky, denorm, min_anchor, out_sub)
         if k1 % promote == 0 or k1 == K:
-            reg = np.float32(reg + np.float32(d))
-            d = 0.0
+            reg = np.float32(reg + np.float32(_to_float(neg, q, qe, inf)))
+            neg, q, qe, inf = False, np.int64(0), np.int64(0), False
     return np.float64(reg)
 
 
-@njit(parallel=True, **_JIT)
-def _dot_rows(MA, EA, MB, EB, C, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
-              out_sub, fma, promote, out):
-    n, K = MA.shape
-    for i in prange(n):
-        out[i] = _chain(MA, EA, i, MB, EB, i, K, C[i], p, F, m_out, emin, emax, rne, sticky,
-                        denorm, min_anchor, out_sub, fma, promote)
+@njit(**_JIT)
+def _dot_rows(r0, r1, VA, EA, VB, EB, C, p, F, m_out, emin, emax, rne, sticky, denorm,
+              min_anchor, out_sub, fma, promote, out):
+    for i in range(r0, r1):
+        out[i] = _chain(VA[i], EA[i], VB[i], EB[i], C[i], p, F, m_out, emin, emax, rne,
+                        sticky, denorm, min_anchor, out_sub, fma, promote)
 
 
-@njit(parallel=True, **_JIT)
-def _gemm_rows(MA, EA, MB, EB, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
-               out_sub, fma, promote, out):
-    M, K = MA.shape
+@njit(**_JIT)
+def _gemm_rows(r0, r1, MA, EA, MB, EB, p, F, m_out, emin, emax, rne, sticky, denorm,
+               min_anchor, out_sub, fma, promote, out):
     N = MB.shape[0]
-    for i in prange(M):
+    for i in range(r0, r1):
+        ma = MA[i]
+        ea = EA[i]
         for j in range(N):
-            out[i, j] = _chain(MA, EA, i, MB, EB, j, K, 0.0, p, F, m_out, emin, emax, rne,
+            out[i, j] = _chain(ma, ea, MB[j], EB[j], 0.0, p, F, m_out, emin, emax, rne,
                                sticky, denorm, min_anchor, out_sub, fma, promote)
 
 
 def _ieee_rows(A, B, C):
     with np.errstate(invalid="ignore", over="ignore"):
-        return np.sum(A * B, axis=1) + C
+        return np.sum(A.astype(np.float64) * B.astype(np.float64), axis=1) + C
 
 
 # ---------------------------------------------------------------------------
@@ -671,15 +796,15 @@ def matmul_tensorcore(a, b, tc: TensorCore, promote_every: int | None = None) ->
         return out
     va, offa, nana = _operand_values(a, tc)
     vb, offb, nanb = _operand_values(b, tc)
-    MA, EA = decode_operand(va, tc, offa)
-    MB, EB = decode_operand(vb, tc, offb)
+    MA, EA, speca = decode_operand(va, tc, offa, name="a")
+    MB, EB, specb = decode_operand(vb, tc, offb, name="b")
     res = np.empty((M, N), dtype=np.float64)
-    _gemm_rows(MA, EA, MB, EB, *_kernel_params(tc), promote, res)
-    spa = nana.any(axis=1) | ~np.isfinite(va).all(axis=1)
-    spb = nanb.any(axis=1) | ~np.isfinite(vb).all(axis=1)
+    _split(_gemm_rows, M, MA, EA, MB, EB, *_kernel_params(tc), promote, res)
+    spa = nana.any(axis=1) | speca
+    spb = nanb.any(axis=1) | specb
     if spa.any() or spb.any():
-        fa = va * np.ldexp(1.0, np.clip(offa, -1074, 1023).astype(np.int32))
-        fb = vb * np.ldexp(1.0, np.clip(offb, -1074, 1023).astype(np.int32))
+        fa = va.astype(np.float64) * np.ldexp(1.0, offa.astype(np.int32))
+        fb = vb.astype(np.float64) * np.ldexp(1.0, offb.astype(np.int32))
         fa[nana] = np.nan
         fb[nanb] = np.nan
         rows = np.nonzero(spa)[0]
@@ -694,7 +819,7 @@ def matmul_tensorcore(a, b, tc: TensorCore, promote_every: int | None = None) ->
 
 
 def _operand_values(q, tc: TensorCore):
-    """Element values (float64, unscaled), per-element scale exponents (int64) and the
+    """Element values (float32, unscaled), per-element scale exponents (int64) and the
     per-element NaN-scale mask of a 2-D QTensor along axis 1."""
     from numfmt.formats import BlockFormat
     fmt = q.format
@@ -706,9 +831,8 @@ def _operand_values(q, tc: TensorCore):
         # float (TF32: sign, 8 exponent bits, 10 mantissa bits) is its code shifted up
         shift = 23 - elem.mantissa_bits
         vals = (codes.astype(np.uint32) << np.uint32(shift)).view(np.float32)
-        vals = vals.astype(np.float64)
     else:
-        vals = numfmt.decode(codes, elem).astype(np.float64)
+        vals = numfmt.decode(codes, elem)
     rows, K = vals.shape
     off = np.zeros((rows, K), dtype=np.int64)
     nan = np.zeros((rows, K), dtype=bool)
