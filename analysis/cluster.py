@@ -43,7 +43,8 @@ worker runs the same Python, the same versions of the packages in
 ``CHECKED_PACKAGES`` and the same toolkit source (SHA-256 of the ``numfmt``,
 ``hwsim`` and ``analysis`` .py files) as the client, so results are the same
 bits as a serial run; otherwise ``ClusterError`` names the package, the
-client's version and each differing worker's. ``workers=0``, a negative or
+client's version and each differing worker's (workers that join later are not
+checked: start the workers first). ``workers=0``, a negative or
 non-int count, ``workers`` together with ``scheduler``, a scheme other than
 tcp:// or tls://, TLS files with tcp:// or tls:// without them are refused
 with ``ValueError`` before anything starts. ``ClusterError`` is a ValueError,
