@@ -180,7 +180,8 @@ def _scale_part(steps: int, workers: int) -> None:
             return time.perf_counter() - t, res.metrics
 
         t_serial, serial = run("block", None, "serial")
-        t_serial_large, _ = run("large", None, "serial-large")
+        # the large pair is short: best of 2 for each side (the machine is shared)
+        t_serial_large = min(run("large", None, f"serial-large{i}")[0] for i in range(2))
         t = time.perf_counter()
         with cluster.connect(workers=workers) as client:
             t_start = time.perf_counter() - t
@@ -194,7 +195,7 @@ def _scale_part(steps: int, workers: int) -> None:
                 pass
             overhead = (time.perf_counter() - t) / n_noop
             t_par, par = run("block", client, "parallel")
-            t_par_large, _ = run("large", client, "parallel-large")
+            t_par_large = min(run("large", client, f"parallel-large{i}")[0] for i in range(2))
         same = all((d / "serial" / f"{layer_stem(n)}.safetensors").read_bytes()
                    == (d / "parallel" / f"{layer_stem(n)}.safetensors").read_bytes()
                    for n in serial)
@@ -206,7 +207,7 @@ def _scale_part(steps: int, workers: int) -> None:
     eff_large = t_serial_large / (workers * t_par_large)
     print(f"block, {len(serial)} layers: serial {t_serial:.1f} s, {workers} workers "
           f"{t_par:.1f} s, speed-up {t_serial / t_par:.2f}x, efficiency {eff:.2f}")
-    print(f"large layers (FFN up + down): serial {t_serial_large:.1f} s, {workers} workers "
+    print(f"large layers (FFN up + down, best of 2): serial {t_serial_large:.1f} s, {workers} workers "
           f"{t_par_large:.1f} s, speed-up {t_serial_large / t_par_large:.2f}x, efficiency "
           f"{eff_large:.2f} (goal >= 0.85)")
     print(f"result files bit-identical to the serial run: {same}")
