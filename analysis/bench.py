@@ -19,7 +19,7 @@
    early stop). Serial (this process) against a LocalCluster of
    ``--scale-workers`` processes: wall times, parallel efficiency
    T_serial / (workers x T_parallel) for the whole block and for the two large
-   FFN layers alone, bit equality of the files, the per-layer times, Dask's
+   FFN layers alone (best of 2 runs each), bit equality of the files, the per-layer times, Dask's
    per-task overhead (wall time per no-op task through ``map_layers``), and a
    projection of the wall time for all of PixArt-Sigma and SANA
    (``hwsim.models``: every linear layer x blocks; SANA's depthwise conv is not
