@@ -6,8 +6,11 @@ Prints, in one run: GMAC/s of hwsim.matmul for mxint8 x mxint8 (exact accumulato
 mxfp4 x mxfp4, mxint4 x mxint8, a saturating 16-bit accumulator and a 14-bit truncating
 inter-block accumulator, each beside ``numpy`` float32 ``a @ b.T`` of the same shape
 measured in the same run (ratio = hwsim / BLAS). Numba compile time is measured apart
-(a first call on a tiny problem). Then the DeepSeek-V3 reproduction and the W8A8 / W4A8
-overflow table (``deepseek_figures``, ``overflow_figures``), also used by the tests.
+(a first call on a tiny problem). Then the tensor-core models: ``TensorCore.dot``
+throughput at K = 32 and a 512^3 FP8 GEMM through the H100 preset (in the table above),
+the DeepSeek-V3 reproduction on a FloatAcc and on the H100 FP8 tensor-core preset, and the
+W8A8 / W4A8 overflow table (``deepseek_figures``, ``deepseek_tensorcore_figures``,
+``overflow_figures``, also used by the tests).
 """
 from __future__ import annotations
 
@@ -58,6 +61,63 @@ def deepseek_figures(m: int = 64, n: int = 64, k: int = 4096, seed: int = 0) -> 
     return rows
 
 
+def deepseek_tensorcore_figures(m: int = 64, n: int = 64, k: int = 4096, seed: int = 0,
+                                gpus=("H100", "B200")) -> list[dict]:
+    """The DeepSeek-V3 reproduction on the tensor-core models: the data of
+    ``deepseek_figures`` (mxfp8_e4m3 operands, K = 4096, all positive; half-normal and
+    massive activations) through ``hwsim.matmul(a, b, inter_block=tensor_core(gpu,
+    "fp8_e4m3"))``: the unit aligns each 32-product chunk to its largest exponent, keeps
+    13 fraction bits (H100; B200 keeps 25) and truncates, its FP32 result keeps 14
+    significant bits, chained over K; then with promotion to an FP32 register every 128
+    elements. Relative error against the exact product of the quantized operands."""
+    import numfmt
+    from hwsim.gemm import matmul
+    from hwsim.tensorcore import tensor_core
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, boost in (("half-normal", 1.0), ("massive activation x4096", 4096.0)):
+        x = np.abs(rng.standard_normal((m, k))).astype(np.float32)
+        x[:, :32] *= np.float32(boost)
+        w = np.abs(rng.standard_normal((n, k))).astype(np.float32)
+        a = numfmt.quantize(x, "mxfp8_e4m3", axis=1)
+        b = numfmt.quantize(w, "mxfp8_e4m3", axis=1)
+        exact = numfmt.dequantize(a).astype(np.float64) @ numfmt.dequantize(b).astype(np.float64).T
+        for gpu in gpus:
+            tc = tensor_core(gpu, "fp8_e4m3")
+            row = {"data": label, "gpu": gpu, "m": m, "n": n, "k": k,
+                   "significant_bits": tc.significant_bits}
+            for name, promote in (("plain", None), ("promote128", 128)):
+                out = matmul(a, b, inter_block=tc, promote_every=promote).out
+                rel = np.abs(out - exact) / np.abs(exact)
+                row[f"{name}_mean"] = float(rel.mean())
+                row[f"{name}_max"] = float(rel.max())
+            row["promote_gain"] = row["plain_mean"] / max(row["promote128_mean"], 1e-300)
+            rows.append(row)
+    return rows
+
+
+def tensorcore_dot_throughput(n: int = 1 << 16, k: int = 32, seed: int = 0) -> dict:
+    """GMAC/s of ``TensorCore.dot`` (H100 FP8 preset, n rows of K = 32: one unit
+    operation each) beside NumPy float32 row dots (einsum) of the same data, and the
+    compile time of a first call."""
+    import time
+
+    import numfmt
+    from hwsim.tensorcore import tensor_core
+    rng = np.random.default_rng(seed)
+    tc = tensor_core("H100", "fp8_e4m3")
+    a = numfmt.fake_quantize(rng.standard_normal((n, k)).astype(np.float32), "fp8_e4m3")
+    b = numfmt.fake_quantize(rng.standard_normal((n, k)).astype(np.float32), "fp8_e4m3")
+    t0 = time.perf_counter()
+    tc.dot(a[:2], b[:2])
+    compile_s = time.perf_counter() - t0
+    t_tc = best_time(lambda: tc.dot(a, b), repeat=5)
+    t_np = best_time(lambda: np.einsum("ik,ik->i", a, b), repeat=5)
+    macs = float(n) * k
+    return {"n": n, "k": k, "compile_s": compile_s, "gmacs": macs / t_tc / 1e9,
+            "numpy_gmacs": macs / t_np / 1e9, "ratio": t_np / t_tc}
+
+
 def overflow_figures(m: int = 64, n: int = 64, k: int = 1024, seed: int = 0) -> list[dict]:
     """W8A8 (mxint8 x mxint8) and W4A8 (mxint8 activations x mxint4 weights) with the
     in-block accumulator below the A2Q bound: overflowing additions and the output's
@@ -99,6 +159,7 @@ def main(argv=None) -> int:
     import numba
     import numfmt
     from hwsim.gemm import Accumulator, FloatAcc, matmul
+    from hwsim.tensorcore import tensor_core
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     try:
         import torch
@@ -114,6 +175,8 @@ def main(argv=None) -> int:
          {"acc": Accumulator(16, "saturate")}, args.slow_size),
         ("mxfp8_e4m3 x mxfp8_e4m3, 14-bit rtz", "mxfp8_e4m3", "mxfp8_e4m3",
          {"inter_block": FloatAcc(13, "rtz")}, args.slow_size),
+        ("fp8_e4m3 x fp8_e4m3, H100 tensor core", "fp8_e4m3", "fp8_e4m3",
+         {"inter_block": tensor_core("H100", "fp8_e4m3")}, args.slow_size),
     ]
     print(f"hwsim.matmul throughput; {args.threads} threads (Numba, BLAS, torch); "
           f"cpu: {cpu_name()}")
@@ -134,7 +197,20 @@ def main(argv=None) -> int:
         macs = float(s) ** 3
         print(f"{label:<38} {s:>6} {compile_s:>9.2f} {macs / t_hw / 1e9:>12.2f} "
               f"{macs / t_blas / 1e9:>16.2f} {t_blas / t_hw:>7.3f}  {res['r'].path}")
+    r = tensorcore_dot_throughput()
+    print(f"\nTensorCore.dot, H100 fp8_e4m3, K={r['k']} (one unit operation per row), "
+          f"n={r['n']}: {r['gmacs']:.3f} GMAC/s; numpy float32 row dots {r['numpy_gmacs']:.3f} "
+          f"GMAC/s; ratio {r['ratio']:.3f}; compile {r['compile_s']:.2f} s")
     if not args.skip_numerics:
+        print("\nDeepSeek-V3 reproduction on the tensor-core models: mxfp8_e4m3 x mxfp8_e4m3, "
+              "M=N=64, K=4096, relative error vs exact")
+        print(f"{'data':<26} {'gpu':<5} {'bits':>4} {'mean':>9} {'max':>9} "
+              f"{'+promote128 mean':>17} {'+promote128 max':>16} {'gain':>6}")
+        for r in deepseek_tensorcore_figures():
+            print(f"{r['data']:<26} {r['gpu']:<5} {r['significant_bits']:>4} "
+                  f"{100 * r['plain_mean']:>8.3f}% {100 * r['plain_max']:>8.3f}% "
+                  f"{100 * r['promote128_mean']:>16.4f}% {100 * r['promote128_max']:>15.4f}% "
+                  f"{r['promote_gain']:>6.1f}")
         print("\nDeepSeek-V3 reproduction: mxfp8_e4m3 x mxfp8_e4m3, M=N=64, K=4096, relative "
               "error vs exact")
         print(f"{'data':<26} {'fp32 max':>10} {'14b rtz mean':>13} {'14b rtz max':>12} "
