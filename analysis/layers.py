@@ -57,8 +57,8 @@ import numfmt.torch as nft
 from numfmt.formats import BlockFormat, FloatFormat, IntFormat
 from hwsim.accumulator import element_of, worst_case_bits
 
-__all__ = ["QuantLinear", "LayerStats", "fp32_matmul", "observed_bits", "l1_bound_bits", "block_len",
-           "integer_values", "width_of", "MODES"]
+__all__ = ["QuantLinear", "LayerStats", "fp32_matmul", "observed_bits", "l1_bound_bits",
+           "block_len", "integer_values", "width_of", "MODES"]
 
 MODES = ("fast", "exact")
 
@@ -237,8 +237,8 @@ class QuantLinear(nn.Module):
     device : torch device of the layer's buffers and its computation (None: CPU);
         ``.to(device)`` moves a built layer the same way.
     backend : ``numfmt.torch`` backend of the activation quantizers: None (Numba on
-        the CPU, plain torch elsewhere) or "torch" (plain torch on every device, CPU
-        included); both give the same bits.
+        the CPU, plain torch elsewhere), "torch" (plain torch on every device, CPU
+        included) or "compiled" (the same through torch.compile); all give the same bits.
     """
 
     def __init__(self, main, main_act, *, left=None, right=None, branch_act=None, bias=None,

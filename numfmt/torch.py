@@ -14,10 +14,12 @@ rounding mode and compat mode):
   on whatever device the tensor lives, run eagerly (one kernel per operation);
 * ``backend="compiled"``: the same functions of block formats through
   ``torch.compile`` (fused kernels: Triton on a GPU, C++ on the CPU), compiled on the
-  first call per format, mode, seed and shape (seconds to a minute). The arithmetic
-  has no float step a compiler may contract or reorder into other bits (see
-  ``numfmt._torch_backend``); the tests check the compiled CPU kernels and
-  ``scripts/device_check`` the CUDA ones against Numba. Element formats run eagerly.
+  first call per format, mode, seed and shape (seconds to a minute), with IEEE division
+  and no flushing of subnormals (``_COMPILE_OPTIONS``). Meant for GPUs:
+  ``scripts/device_check`` compares its CUDA kernels with Numba. On the CPU Inductor
+  builds C++ with -fno-signed-zeros, so the sign of a zero is not guaranteed there (the
+  tests check one format on the CPU; use Numba or "torch" for CPU work). Element
+  formats run eagerly.
 
 ``backend=None`` (the default) takes Numba for CPU tensors and torch elsewhere.
 ``quantize`` returns the same NumPy-backed ``QTensor`` as ``numfmt.quantize`` (codes
@@ -145,7 +147,16 @@ def _compiled_blocks(fmt, mode: int, compat: str, seed: int, want_codes: bool):
     torch.compile (made once, compiled on first call per shape)."""
     def run(x2):
         return TB.quantize_blocks(x2, fmt, mode, compat, seed, want_codes)
-    return torch.compile(run)
+    return torch.compile(run, options=_COMPILE_OPTIONS)
+
+
+# Inductor settings that keep IEEE semantics in generated GPU code: Triton's float32 "/"
+# is an approximate division (div.full.f32) unless division_rounding asks for div_rn;
+# subnormals must not be flushed; no contraction of products into FMAs (harmless for
+# this arithmetic, where every product feeding an addition is exact, but not needed).
+_COMPILE_OPTIONS = {"eager_numerics.division_rounding": True,
+                    "eager_numerics.disable_ftz": True,
+                    "emulate_precision_casts": True}
 
 
 def _torch_run(x: torch.Tensor, fmt, ax: int, mode: int, compat: str, seed: int,

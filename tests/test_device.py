@@ -168,3 +168,11 @@ def test_device_top_svd_equals_cpu_top_svd():
     for M in (W, np.ascontiguousarray(W.T)):
         for a, b in zip(top_svd(M, 7), _top_svd_on(M, 7, torch.device("cpu"))):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_optimize_backend_needs_a_device():
+    W = _weight((32, 64))
+    with pytest.raises(ValueError, match="device="):
+        optimize(W, steps=1, backend="compiled")
+    with pytest.raises(ValueError, match="'numba'"):
+        optimize(W, steps=1, device="cpu", backend="numba")

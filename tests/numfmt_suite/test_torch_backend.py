@@ -7,6 +7,7 @@ hypothesis blocks, on every registered format and every rounding and compat mode
 same comparisons run on CUDA where there is a GPU (skipped otherwise).
 """
 import math
+import os
 
 import numpy as np
 import pytest
@@ -343,11 +344,25 @@ def test_cuda_auto_backend_and_gradient():
         nft.fake_quantize(x.detach(), "mxfp4", out=torch.empty(x.shape))
 
 
-def test_compiled_backend_equals_numba():
-    """backend="compiled" (torch.compile of the same functions; C++ kernels on the CPU)
-    gives the Numba bits on the edge matrix: the arithmetic leaves a compiler nothing to
-    contract or reorder. One format and mode only: each compiles for several seconds."""
+COMPILE_ON_CPU = os.environ.get("NUMFMT_TEST_COMPILE") == "1"
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not COMPILE_ON_CPU, reason="torch.compile on the CPU takes 20-50 s here; set "
+        "NUMFMT_TEST_COMPILE=1 to run it")),
+    pytest.param("cuda", marks=needs_cuda)])
+def test_compiled_backend_equals_numba(device):
+    """backend="compiled" (torch.compile of the same functions) gives the Numba bits on
+    the edge matrix: the arithmetic leaves a compiler nothing to contract or reorder.
+    One format and two modes only: each compiles for several seconds."""
     fmt = numfmt.get("mxfp4")
     x = edge_matrix(fmt)
-    got = nft.fake_quantize(torch.from_numpy(x), fmt, backend="compiled")
-    assert same_bits(got.numpy(), numfmt.fake_quantize(x, fmt))
+    t = torch.from_numpy(x).to(device)
+    got = nft.fake_quantize(t, fmt, backend="compiled")
+    assert same_bits(got.cpu().numpy(), numfmt.fake_quantize(x, fmt))
+    if device == "cuda":
+        for name in ("nvfp4", "sint4"):  # the float32 / float64 divisions
+            got = nft.fake_quantize(t, name, backend="compiled", rounding="stochastic", seed=1)
+            assert same_bits(got.cpu().numpy(), numfmt.fake_quantize(
+                x, name, rounding="stochastic", seed=1))
