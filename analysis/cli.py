@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("formats", "vectors", "cost", "optimize", "report")
+COMMANDS = ("formats", "vectors", "cost", "optimize", "report", "tensorcore")
 
 
 class UserError(Exception):

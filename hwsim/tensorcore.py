@@ -85,7 +85,7 @@ from numfmt._kernels import f64_bits, f64_from_bits
 from numfmt.formats import FloatFormat
 
 __all__ = ["TensorCore", "tensor_core", "GPUS", "INPUTS", "OUTPUTS", "ROUNDINGS",
-           "preset_table", "decode_operand", "matmul_tensorcore"]
+           "preset_table", "round_to_input", "decode_operand", "matmul_tensorcore"]
 
 GPUS = ("V100", "A100", "A2", "A30", "L40S", "H100", "H200", "B200")
 GPU_ALIASES = {"ADA": "L40S"}
@@ -818,6 +818,27 @@ def matmul_tensorcore(a, b, tc: TensorCore, promote_every: int | None = None) ->
     return out
 
 
+def _decode_codes(codes: np.ndarray, elem: FloatFormat) -> np.ndarray:
+    """float32 values of element codes; a > 16-bit FP32-layout float (TF32: sign, 8
+    exponent bits, 10 mantissa bits) is its code shifted up onto FP32's bit pattern
+    (numfmt.decode reads > 16-bit codes as FP32 bit patterns)."""
+    if elem.bits > 16:
+        shift = 23 - elem.mantissa_bits
+        return (np.asarray(codes).astype(np.uint32) << np.uint32(shift)).view(np.float32)
+    return numfmt.decode(codes, elem)
+
+
+def round_to_input(x, fmt: str | TensorCore, rounding: str = "rne") -> np.ndarray:
+    """``x`` rounded to a tensor-core input format (a name in INPUTS, or a unit's), as
+    float32 values ready for ``TensorCore.dot``."""
+    name = fmt.input_format if isinstance(fmt, TensorCore) else fmt
+    if name not in INPUTS:
+        raise ValueError(f"unknown input format {name!r}; known: {', '.join(INPUTS)}")
+    elem = numfmt.get(name)
+    return _decode_codes(numfmt.encode(np.asarray(x, dtype=np.float32), elem,
+                                       rounding=rounding), elem)
+
+
 def _operand_values(q, tc: TensorCore):
     """Element values (float32, unscaled), per-element scale exponents (int64) and the
     per-element NaN-scale mask of a 2-D QTensor along axis 1."""
@@ -825,14 +846,7 @@ def _operand_values(q, tc: TensorCore):
     fmt = q.format
     elem = fmt.element if isinstance(fmt, BlockFormat) else fmt
     q.check_codes()
-    codes = q.codes.reshape(q.shape)
-    if elem.bits > 16:
-        # numfmt.decode reads > 16-bit codes as FP32 bit patterns; a narrower FP32-layout
-        # float (TF32: sign, 8 exponent bits, 10 mantissa bits) is its code shifted up
-        shift = 23 - elem.mantissa_bits
-        vals = (codes.astype(np.uint32) << np.uint32(shift)).view(np.float32)
-    else:
-        vals = numfmt.decode(codes, elem)
+    vals = _decode_codes(q.codes.reshape(q.shape), elem)
     rows, K = vals.shape
     off = np.zeros((rows, K), dtype=np.int64)
     nan = np.zeros((rows, K), dtype=bool)
