@@ -66,8 +66,8 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
     discards later compute no out-of-range shift."""
     normal = (k.clamp(-1022, 1023) + 1023) << 52
     sub = torch.ones_like(k) << (k + 1074).clamp(0, 51)
-    bits = torch.where(k >= -1022, normal, torch.where(k >= -1074, sub, torch.zeros_like(k)))
-    bits = torch.where(k > 1023, torch.full_like(k, _INF64_BITS), bits)
+    bits = torch.where(k >= -1022, normal, torch.where(k >= -1074, sub, 0))
+    bits = torch.where(k > 1023, _INF64_BITS, bits)
     return bits.view(torch.float64)
 
 
@@ -155,7 +155,7 @@ def float_code(val, m: int, emin: int, bias: int, sign_bit: int,
     cm_sub = (a * _pow2_scalar(m - emin)).to(torch.int64)
     cm_norm = ((ey + bias) << m) + (a * pow2(m - ey)).to(torch.int64) - (1 << m)
     cm = torch.where(sub, cm_sub, cm_norm).clamp_max(max_code_mag)
-    cm = torch.where(a == 0, torch.zeros_like(cm), cm)
+    cm = torch.where(a == 0, 0, cm)
     return cm | (torch.signbit(val).to(torch.int64) * sign_bit)
 
 
@@ -260,16 +260,16 @@ def _mx(xb, fmt, mode, compat, seed, index, want_codes):
     is_nan = amb >= special
     zero = amb == 0
     if mx_compat:
-        e = torch.where(zero, torch.full_like(amb, -126, dtype=torch.int64),
-                        log2f_floor(torch.where(zero, torch.ones_like(amax), amax)))
+        e = torch.where(zero, -126,
+                        log2f_floor(torch.where(zero, 1, amax)))
     else:
         e = floor_log2(amax)
     X = e - fmt.element_emax
     is_nan = is_nan | (X > 127)
     X = X.clamp_min(-127)
     if not mx_compat:
-        X = torch.where(zero, torch.full_like(X, -127), X)
-    X = torch.where(is_nan, torch.zeros_like(X), X)
+        X = torch.where(zero, -127, X)
+    X = torch.where(is_nan, 0, X)
     Xe = X[..., None]
     v = xb.to(torch.float64)
 
@@ -292,7 +292,7 @@ def _mx(xb, fmt, mode, compat, seed, index, want_codes):
         qe = None
     else:
         nz = v != 0
-        ey = torch.where(nz, floor_log2(v) - Xe, torch.full_like(Xe, emin)).clamp_min(emin)
+        ey = torch.where(nz, floor_log2(v) - Xe, emin).clamp_min(emin)
         qe = ey - m
         t = nonzero_scaled(v * pow2(-(Xe + qe)), v)
         n = round_mode(t, mode, seed, index)
@@ -305,18 +305,18 @@ def _mx(xb, fmt, mode, compat, seed, index, want_codes):
                 cm = float_code(n.abs() * pow2(qe), m, emin, 1 - emin, 0, max_code_mag)
             else:
                 cm = ((qe - (emin - m)) << m) + n.abs().to(torch.int64)
-            cm = torch.where(sat, torch.full_like(cm, max_code_mag), cm)
+            cm = torch.where(sat, max_code_mag, cm)
             codes = cm | (torch.signbit(n).to(torch.int64) * sign_bit)
         nan_b = is_nan[..., None]
-        codes = torch.where(nan_b, torch.zeros_like(codes), codes)
-        scales = torch.where(is_nan, torch.full_like(X, 255), X + 127)
+        codes = torch.where(nan_b, 0, codes)
+        scales = torch.where(is_nan, 255, X + 127)
         return codes, scales, None
     if is_int:
         val = n * _pow2_scalar(ese)
     else:
         val = torch.where(sat, torch.copysign(torch.full_like(n, maxmag), n), n * pow2(qe))
     fake = (val * pow2(Xe)).to(torch.float32)
-    return torch.where(is_nan[..., None], torch.full_like(fake, float("nan")), fake)
+    return torch.where(is_nan[..., None], float("nan"), fake)
 
 
 def _mx_microxcaling(v, Xe, is_int, ese, m, emin, maxmag, lo, hi, mode):
@@ -328,7 +328,7 @@ def _mx_microxcaling(v, Xe, is_int, ese, m, emin, maxmag, lo, hi, mode):
     if is_int:
         qe = torch.full_like(Xe, ese).expand(a.shape)
     else:
-        pe = log2f_floor(torch.where(zero, torch.ones_like(aa), aa)).clamp_min(emin)
+        pe = log2f_floor(torch.where(zero, 1, aa)).clamp_min(emin)
         qe = pe - m
     t = aa * pow2(-qe)
     if mode == RTZ:
@@ -345,8 +345,8 @@ def _mx_microxcaling(v, Xe, is_int, ese, m, emin, maxmag, lo, hi, mode):
     else:
         sat = r * pow2(qe) > maxmag
     # a zero gives +0.0, exponent emin - m, not saturated
-    n = torch.where(zero, torch.zeros_like(n), n)
-    qe = torch.where(zero, torch.full_like(qe, emin - m), qe)
+    n = torch.where(zero, 0, n)
+    qe = torch.where(zero, emin - m, qe)
     sat = sat & ~zero
     return n, qe, sat
 
@@ -359,7 +359,7 @@ def _absmax(xb, fmt, mode, seed, index, want_codes):
     v = xb.to(torch.float64)
     a = v.abs()
     special = (~(a <= _F64_MAX)).any(dim=-1)            # NaN or Inf in the group
-    amax = torch.where(special[..., None], torch.zeros_like(a), a).amax(dim=-1)
+    amax = torch.where(special[..., None], 0, a).amax(dim=-1)
     elem_max = float(elem.max_code) if is_int else elem.max_normal
     # a device tensor as divisor: CUDA turns division by a CPU scalar into a multiplication
     # by its reciprocal, which is not the correctly rounded quotient
@@ -367,12 +367,12 @@ def _absmax(xb, fmt, mode, seed, index, want_codes):
                            s.subnormals, RNE)
     sc = scale[..., None]
     zero_s = sc == 0
-    q = nonzero_scaled(v / torch.where(zero_s, torch.ones_like(sc), sc), v)
+    q = nonzero_scaled(v / torch.where(zero_s, 1, sc), v)
     if is_int:
         val = round_mode(q, mode, seed, index).clamp(elem.min_code, elem.max_code) + 0.0
-        val = torch.where(zero_s, torch.zeros_like(val), val)
+        val = torch.where(zero_s, 0, val)
     else:
-        val = round_to_float(torch.where(torch.isfinite(q), q, torch.zeros_like(q)),
+        val = round_to_float(torch.where(torch.isfinite(q), q, 0),
                              elem.mantissa_bits, elem.emin, elem.max_normal, True, mode, seed,
                              index)
         val = torch.where(zero_s, v * 0.0, val)
@@ -383,11 +383,11 @@ def _absmax(xb, fmt, mode, seed, index, want_codes):
         else:
             codes = float_code(val, elem.mantissa_bits, elem.emin, elem.bias,
                                1 << (elem.bits - 1), elem.max_code)
-        codes = torch.where(sp, torch.zeros_like(codes), codes)
-        scales = torch.where(special, torch.full_like(scale, float("nan")), scale)
+        codes = torch.where(sp, 0, codes)
+        scales = torch.where(special, float("nan"), scale)
         return codes, scales, None
     fake = (val * sc).to(torch.float32)
-    return torch.where(sp, torch.full_like(fake, float("nan")), fake)
+    return torch.where(sp, float("nan"), fake)
 
 
 def nvfp4_tensor_scale(x2: torch.Tensor) -> torch.Tensor:
@@ -396,15 +396,15 @@ def nvfp4_tensor_scale(x2: torch.Tensor) -> torch.Tensor:
     value is beyond float32), 1 for amax = 0, float32's max when the division overflows."""
     a = x2.abs()
     fin = torch.isfinite(a)
-    amax_in = torch.where(fin, a, torch.zeros_like(a)).amax() if a.numel() else a.new_zeros(())
+    amax_in = torch.where(fin, a, 0).amax() if a.numel() else a.new_zeros(())
     amax = amax_in.to(torch.float64)
     if x2.dtype == torch.float64:
         a32 = x2.to(torch.float32).abs()
-        amax32 = torch.where(torch.isfinite(a32), a32, torch.zeros_like(a32)).amax().to(torch.float64)
+        amax32 = torch.where(torch.isfinite(a32), a32, 0).amax().to(torch.float64)
         amax = torch.where(torch.isfinite(amax.to(torch.float32)), amax, amax32)
     s = torch.tensor(6.0 * 448.0, dtype=torch.float32, device=x2.device) / amax.to(torch.float32)
-    s = torch.where(amax > 0, s, torch.ones_like(s))
-    return torch.where(torch.isfinite(s), s, torch.full_like(s, float(np.finfo(np.float32).max)))
+    s = torch.where(amax > 0, s, 1)
+    return torch.where(torch.isfinite(s), s, float(np.finfo(np.float32).max))
 
 
 def _nvfp4(x2, xb, fmt, mode, seed, index, want_codes):
@@ -415,23 +415,23 @@ def _nvfp4(x2, xb, fmt, mode, seed, index, want_codes):
     special = amb >= 0x7F800000
     amax_b = amb.view(torch.float32)
     sv = ((amax_b / torch.tensor(6.0, dtype=torch.float32, device=x2.device)) * s32)
-    sv = torch.where(special, torch.zeros_like(sv), sv).to(torch.float64)
+    sv = torch.where(special, 0, sv).to(torch.float64)
     sb = round_to_float(sv, 3, -6, 448.0, True, RNE)
     sb32 = sb.to(torch.float32)[..., None]
     zero_s = sb32 == 0
-    t = ((x32 * s32) / torch.where(zero_s, torch.ones_like(sb32), sb32)).to(torch.float64)
-    t = torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+    t = ((x32 * s32) / torch.where(zero_s, 1, sb32)).to(torch.float64)
+    t = torch.where(torch.isfinite(t), t, 0)
     e = round_to_float(t, 1, 0, 6.0, True, mode, seed, index)
     e = torch.where(zero_s, x32.to(torch.float64) * 0.0, e)
     sp = special[..., None]
     if want_codes:
         codes = float_code(e, 1, 0, 1, 0x8, 0x7)
-        codes = torch.where(sp, torch.zeros_like(codes), codes)
-        scodes = torch.where(special, torch.full_like(amb, 0x7F, dtype=torch.int64),
+        codes = torch.where(sp, 0, codes)
+        scodes = torch.where(special, 0x7F,
                              float_code(sb, 3, -6, 7, 0x80, 0x7E))
         return codes, scodes, s32
     fake = (e.to(torch.float32) * sb32) / s32
-    return torch.where(sp, torch.full_like(fake, float("nan")), fake)
+    return torch.where(sp, float("nan"), fake)
 
 
 # ---------------------------------------------------------------------------
@@ -458,7 +458,7 @@ def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, fmt: BlockForma
     if fmt.scaling == "mx":
         sc = scales[..., None]
         v = _table(("block", fmt), dev)[cb] * pow2(sc - 127)
-        out = torch.where(sc == 255, torch.full_like(v, float("nan")), v).to(torch.float32)
+        out = torch.where(sc == 255, float("nan"), v).to(torch.float32)
     elif fmt.scaling == "absmax":
         out = (_table(("block", fmt), dev)[cb] * scales[..., None]).to(torch.float32)
     else:
@@ -488,7 +488,7 @@ def encode(x: torch.Tensor, fmt, mode: int, seed: int) -> torch.Tensor:
     neg = torch.signbit(v)
     isnan = torch.isnan(v)
     isinf = torch.isinf(v)
-    fin = torch.where(isnan | isinf, torch.zeros_like(v), v)
+    fin = torch.where(isnan | isinf, 0, v)
     r = round_to_float(fin, m, emin, _F64_MAX, fmt.subnormals, mode, seed, index)
     over = (r.abs() > fmt.max_normal) & ~isinf
     toward = torch.zeros_like(neg) | (mode == RTZ)
@@ -496,7 +496,7 @@ def encode(x: torch.Tensor, fmt, mode: int, seed: int) -> torch.Tensor:
         toward = neg
     elif mode == RDN:
         toward = ~neg
-    code = float_code(torch.where(over, torch.zeros_like(r), r), m, emin, fmt.bias, sign_bit,
+    code = float_code(torch.where(over, 0, r), m, emin, fmt.bias, sign_bit,
                       fmt.max_code)
     # overflow: +-max when saturating or rounding toward the bound, else Inf (or NaN)
     if fmt.saturating:
@@ -546,8 +546,8 @@ def _decode_fields(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
         mag = (1.0 + frac) * pow2(ef - fmt.bias)
     top = (1 << e) - 1
     if fmt.specials == "ieee":
-        mag = torch.where((ef == top) & (mf == 0), torch.full_like(mag, float("inf")), mag)
-        mag = torch.where((ef == top) & (mf != 0), torch.full_like(mag, float("nan")), mag)
+        mag = torch.where((ef == top) & (mf == 0), float("inf"), mag)
+        mag = torch.where((ef == top) & (mf != 0), float("nan"), mag)
     elif fmt.specials == "nan_only":
-        mag = torch.where((ef == top) & (mf == (1 << m) - 1), torch.full_like(mag, float("nan")), mag)
+        mag = torch.where((ef == top) & (mf == (1 << m) - 1), float("nan"), mag)
     return torch.where(neg, -mag, mag).to(torch.float32)
