@@ -503,50 +503,46 @@ _MASK52 = (1 << 52) - 1
 
 
 @njit(inline="always", **_JIT)
+def _decode_one(v, p, emin, max_normal, subnormals, has_nan, has_inf):
+    """(value kept, exponent e, representable, NaN / Inf) of one element (branch-free
+    selects, so the row loop vectorizes): v = M * 2^(e - p), e = max(floor(log2|v|), emin);
+    representable iff the bits below 2^(e - p) are zero and |v| <= max_normal."""
+    av = abs(np.float64(v))
+    fin = av <= max_normal  # False for NaN, Inf and values beyond the format
+    bits = f64_bits(av)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    ec = max(e, np.int64(emin))
+    sh = min(52 - p + ec - e, np.int64(63))
+    full = (bits & _MASK52) | (np.int64(1) << 52)
+    exact = (sh < 63) and ((full >> sh) << sh) == full
+    nz = av != 0.0
+    special_ok = (has_nan and av != av) or (has_inf and av == np.inf)
+    ok = (not nz) or (fin and exact) or ((not fin) and special_ok)
+    keep = nz and fin and exact and (subnormals or e >= emin)
+    return keep, ec, ok, not fin
+
+
+@njit(inline="always", **_JIT)
 def _decode_row(x, V, E, p, emin, max_normal, subnormals, has_nan, has_inf, off, use_off):
     """Decode one row; returns (first bad column or -1, row holds a NaN / Inf)."""
-    first = -1
+    all_ok = True
     special = False
     for k in range(x.shape[0]):
         v = np.float64(x[k])
-        V[k] = 0.0
-        E[k] = _NEG_EXP
-        if v == 0.0:
-            continue
-        av = abs(v)
-        if not av <= max_normal:  # NaN, Inf, or beyond the format
-            if v != v:
-                ok = has_nan
-            else:
-                ok = has_inf and av == np.inf
-            special = True
-            if not ok and first < 0:
-                first = k
-            continue
-        bits = f64_bits(av)
-        ef = (bits >> 52) & 0x7FF
-        e = ef - 1023
-        full = (bits & _MASK52) | (np.int64(1) << 52)
-        ec = e if e > emin else emin
-        sh = 52 - p + (ec - e)
-        if ef == 0 or sh > 62:  # far below the smallest subnormal
-            if first < 0:
-                first = k
-            continue
-        if ((full >> sh) << sh) != full:
-            if first < 0:
-                first = k
-            continue
-        if e < emin and not subnormals:
-            continue  # flushed to zero
-        if use_off:
-            o = np.int64(off[k])
-            V[k] = v * f64_from_bits((np.int64(1023) + o) << 52)  # exact: a power of two
-            E[k] = ec + o
-        else:
-            V[k] = v
-            E[k] = ec
-    return first, special
+        keep, ec, ok, spec = _decode_one(v, p, emin, max_normal, subnormals, has_nan, has_inf)
+        all_ok &= ok
+        special |= spec
+        o = np.int64(off[k]) if use_off else np.int64(0)
+        # 2^o from its bits (|o| <= 127: an E8M0 scale): the scaling is exact
+        V[k] = v * f64_from_bits((np.int64(1023) + o) << 52) if keep else 0.0
+        E[k] = ec + o if keep else _NEG_EXP
+    if all_ok:
+        return -1, special
+    for k in range(x.shape[0]):  # the first bad one, for the error message
+        if not _decode_one(np.float64(x[k]), p, emin, max_normal, subnormals, has_nan,
+                           has_inf)[2]:
+            return k, special
+    return -1, special
 
 
 @njit(**_JIT)
