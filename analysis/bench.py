@@ -19,8 +19,10 @@
    early stop). Serial (this process) against a LocalCluster of
    ``--scale-workers`` processes: wall times, parallel efficiency
    T_serial / (workers x T_parallel) for the whole block and for the two large
-   FFN layers alone (best of 2 runs each), bit equality of the files, the per-layer times, Dask's
-   per-task overhead (wall time per no-op task through ``map_layers``), and a
+   FFN layers alone (best of 2 runs each), bit equality of the files, the
+   CPU seconds of this process and the workers (psutil; their ratio is the
+   engine's work overhead, which a loaded machine does not disturb as it does
+   wall time), the per-layer times, Dask's per-task overhead (wall time per no-op task through ``map_layers``), and a
    projection of the wall time for all of PixArt-Sigma and SANA
    (``hwsim.models``: every linear layer x blocks; SANA's depthwise conv is not
    a LoRaQ layer) at 1..64 workers: per-layer time from a least-squares fit
@@ -155,6 +157,7 @@ def _load_line(when: str) -> str:
 
 
 def _scale_part(steps: int, workers: int) -> None:
+    import psutil  # a dependency of distributed
     from safetensors.numpy import save_file
 
     from analysis import cluster
@@ -174,10 +177,19 @@ def _scale_part(steps: int, workers: int) -> None:
         del block
         _warm_worker()
 
+        procs = [psutil.Process()]  # this process, then the workers
+
+        def cpu() -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in procs)
+
         def run(name, client, out):
-            t = time.perf_counter()
+            c, t = cpu(), time.perf_counter()
             res = optimize_model(d / f"{name}.safetensors", d / out, client=client, **kw)
-            return time.perf_counter() - t, res.metrics
+            wall = time.perf_counter() - t
+            cpu_used[out] = cpu() - c
+            return wall, res.metrics
+
+        cpu_used: dict[str, float] = {}
 
         t_serial, serial = run("block", None, "serial")
         # the large pair is short: best of 2 for each side (the machine is shared)
@@ -187,6 +199,7 @@ def _scale_part(steps: int, workers: int) -> None:
             t_start = time.perf_counter() - t
             t = time.perf_counter()
             client.run(_warm_worker)
+            procs += [psutil.Process(pid) for pid in client.run(os.getpid).values()]
             t_warm = time.perf_counter() - t
             n_noop = 400
             t = time.perf_counter()
@@ -211,6 +224,11 @@ def _scale_part(steps: int, workers: int) -> None:
           f"{t_par_large:.1f} s, speed-up {t_serial_large / t_par_large:.2f}x, efficiency "
           f"{eff_large:.2f} (goal >= 0.85)")
     print(f"result files bit-identical to the serial run: {same}")
+    c_ser, c_par = cpu_used["serial"], cpu_used["parallel"]
+    print(f"CPU seconds (this process + workers), block: serial {c_ser:.1f} s "
+          f"({c_ser / t_serial:.2f} cores busy on average), {workers} workers {c_par:.1f} s "
+          f"({c_par / t_par:.2f} cores); serial CPU / parallel CPU = {c_ser / c_par:.2f} (the "
+          f"engine's work overhead; 1 = none)")
     print("per-layer optimizer time (s), serial | in the parallel run:")
     for n, m in serial.items():
         print(f"  {n:<34} {m['shape'][0]:>5} x {m['shape'][1]:<5} rank {m['rank']:>3}  "
