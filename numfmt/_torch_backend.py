@@ -95,6 +95,9 @@ def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
+# eager under torch.compile: Inductor treats arange-derived integers as index
+# expressions and folds the wrapping int64 products exactly, overflowing int64
+@torch.compiler.disable
 def hash_u32(seed: int, index: torch.Tensor) -> torch.Tensor:
     """The kernels' ``_hash_u32``: splitmix64 of (seed, index), top 32 bits, as int64."""
     z = index + _s64(int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E5F5)
@@ -185,6 +188,7 @@ def _f32_bits(v: float) -> int:
     return int(np.array([v], np.float32).view(np.uint32)[0])
 
 
+@torch.compiler.disable  # a cached constant: torch.compile must not trace its NumPy build
 @functools.lru_cache(maxsize=None)
 def _log2f_thresholds(device: torch.device) -> torch.Tensor:
     return torch.from_numpy(_log2f_thresholds_np()).to(device)
