@@ -643,41 +643,6 @@ def _aligned_sum(va, vb, k0, k1, scale, sticky):
 
 
 @njit(inline="always", **_JIT)
-def _block(va, ea, vb, eb, k0, k1, c_neg, c_q, c_qe, F, m_out, emin, emax, rne, sticky,
-           denorm, min_anchor, out_sub):
-    """One operation of the unit on products k0..k1-1 of rows (va, ea) and (vb, eb) and
-    the addend (-1)^c_neg * c_q * 2^c_qe; returns the rounded result (neg, q, qe, inf)."""
-    X = _anchor(va, ea, vb, eb, k0, k1, denorm)
-    if c_q != 0:
-        Ec = _bitlen(c_q) - 1 + c_qe  # the addend read as FP32: exponent >= -126
-        if Ec < -126:
-            Ec = np.int64(-126)
-        if Ec > X:
-            X = Ec
-    elif X < -(1 << 23):  # no nonzero product, zero addend
-        return False, np.int64(0), np.int64(0), False
-    if X < min_anchor:
-        X = np.int64(min_anchor)
-    # the products' values carry 2^-p each: a_k * b_k is P_k * 2^(E_k - 2p)
-    # 2^(F - X) built from its bits (|F - X| < 1000 for any input with its scale)
-    S = _aligned_sum(va, vb, k0, k1, f64_from_bits((np.int64(1023) + F - X) << 52), sticky)
-    if c_q != 0:
-        sh = c_qe - (X - F)
-        if sh >= 0:
-            t = c_q << sh
-            lost = False
-        else:
-            r = min(-sh, 62)
-            t = c_q >> r
-            lost = (t << r) != c_q
-        if sticky:
-            t = (t << 1) | np.int64(lost)
-        S += -t if c_neg else t
-    lsb = X - F - (1 if sticky else 0)
-    return _round_q(S, lsb, m_out, emin, emax, rne, out_sub)
-
-
-@njit(inline="always", **_JIT)
 def _to_float(neg, q, qe, inf):
     v = np.inf if inf else math.ldexp(np.float64(q), qe)
     return -v if neg else v
@@ -695,32 +660,54 @@ def _from_float(c):
 
 
 @njit(inline="always", **_JIT)
-def _chain(ma, ea, mb, eb, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+def _chain(va, ea, vb, eb, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
            out_sub, fma, promote):
-    """D_{j+1} = TC(chunk j, D_j) over all of K; with ``promote`` > 0 the partial sum is
-    added (FP32, RNE) into a register every ``promote`` products and restarted at +0."""
-    K = ma.shape[0]
+    """D_{j+1} = TC(chunk j, D_j) over a row pair (va, ea) x (vb, eb) from D_0 = c; with
+    ``promote`` > 0, D restarts at +0 and is added (FP32, RNE) into a register that starts
+    at c, every ``promote`` products. The running D is held as (-1)^neg * q * 2^qe."""
+    K = va.shape[0]
+    reg = np.float32(c)
     if promote == 0:
         neg, q, qe = _from_float(c)
-        inf = False
-        for k0 in range(0, K, fma):
-            neg, q, qe, inf = _block(ma, ea, mb, eb, k0, min(k0 + fma, K), neg, q, qe, F,
-                                     m_out, emin, emax, rne, sticky, denorm, min_anchor,
-                                     out_sub)
-            if inf:  # +-Inf plus finite products stays +-Inf
-                break
-        return _to_float(neg, q, qe, inf)
-    reg = np.float32(c)
-    neg, q, qe, inf = False, np.int64(0), np.int64(0), False
+    else:
+        neg, q, qe = False, np.int64(0), np.int64(0)
+    inf = False
+    below = 1 if sticky else 0
     for k0 in range(0, K, fma):
         k1 = min(k0 + fma, K)
-        if not inf:
-            neg, q, qe, inf = _block(ma, ea, mb, eb, k0, k1, neg, q, qe, F, m_out, emin,
-                                     emax, rne, sticky, denorm, min_anchor, out_sub)
-        if k1 % promote == 0 or k1 == K:
+        if not inf:  # (+-Inf plus finite products stays +-Inf)
+            # one operation of the unit: the anchor X over the nonzero products and the
+            # addend (read as FP32: exponent >= -126), no lower than min_anchor
+            X = _anchor(va, ea, vb, eb, k0, k1, denorm)
+            if q != 0:
+                X = max(X, max(_bitlen(q) - 1 + qe, np.int64(-126)))
+            if X < -(1 << 23):  # no nonzero product, zero addend: +0
+                neg = False
+            else:
+                X = max(X, np.int64(min_anchor))
+                # every term truncated to a multiple of u = 2^(X - F); 2^(F - X) from its
+                # bits (|F - X| < 1000 for any input with its scale)
+                S = _aligned_sum(va, vb, k0, k1, f64_from_bits((np.int64(1023) + F - X) << 52),
+                                 sticky)
+                if q != 0:
+                    sh = qe - (X - F)
+                    if sh >= 0:
+                        t = q << sh
+                        lost = False
+                    else:
+                        r = min(-sh, np.int64(62))
+                        t = q >> r
+                        lost = (t << r) != q
+                    if sticky:
+                        t = (t << 1) | np.int64(lost)
+                    S += -t if neg else t
+                neg, q, qe, inf = _round_q(S, X - F - below, m_out, emin, emax, rne, out_sub)
+        if promote != 0 and (k1 % promote == 0 or k1 == K):
             reg = np.float32(reg + np.float32(_to_float(neg, q, qe, inf)))
             neg, q, qe, inf = False, np.int64(0), np.int64(0), False
-    return np.float64(reg)
+    if promote != 0:
+        return np.float64(reg)
+    return _to_float(neg, q, qe, inf)
 
 
 @njit(**_JIT)
