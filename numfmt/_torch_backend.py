@@ -224,19 +224,22 @@ def _blocks(x2: torch.Tensor, bs: int):
 # block formats
 # ---------------------------------------------------------------------------
 def quantize_blocks(x2: torch.Tensor, fmt: BlockFormat, mode: int, compat: str, seed: int,
-                    want_codes: bool):
+                    want_codes: bool, fast: bool = True):
     """Quantize a (rows, L) float32/float64 tensor along L.
 
     want_codes: returns (codes int64 (rows, L), scales (rows, nblk) -- int64 E8M0 / E4M3
     codes for MX / NVFP4, float64 values for absmax --, tensor_scale float32 0-d or
     None). Otherwise returns the fake-quantized float32 (rows, L) tensor.
+
+    fast: OCP + RNE on float32 input takes the float32 route of ``_mx_rne_f32`` when every
+    block is in its range (one host sync; the torch.compile wrapper passes False).
     """
     rows, L = x2.shape
     bs = L if fmt.block_size is None else fmt.block_size
     xb, nblk = _blocks(x2, bs)
     index = functools.partial(_flat_index, rows, L, nblk, bs, x2.device)
     if fmt.scaling == "mx":
-        res = _mx(xb, fmt, mode, compat, seed, index, want_codes)
+        res = _mx(xb, fmt, mode, compat, seed, index, want_codes, fast)
     elif fmt.scaling == "absmax":
         res = _absmax(xb, fmt, mode, seed, index, want_codes)
     else:
@@ -247,7 +250,47 @@ def quantize_blocks(x2: torch.Tensor, fmt: BlockFormat, mode: int, compat: str, 
     return res.reshape(rows, nblk * bs)[:, :L]
 
 
-def _mx(xb, fmt, mode, compat, seed, index, want_codes):
+def _mx_rne_f32(xb, X, is_nan, fmt, want_codes):
+    """OCP MX with RNE on float32 input in float32 arithmetic: the kernels'
+    ``_mx_int_block_f32`` / ``_mx_float_block_f32`` (their docstrings give the argument
+    that each step is exact), half the bytes and a third of the passes of the float64
+    lanes. Returns int64 codes or float32 values (NaN blocks still to be written), or
+    None when a block lies outside those routines' exact range (scales near 2^-127):
+    the caller then runs the float64 reference arithmetic (one host sync decides)."""
+    elem = fmt.element
+    Xi = X.to(torch.int32)[..., None]
+    ok_nan = is_nan[..., None]
+    if isinstance(elem, IntFormat):
+        k = Xi + fmt.element_scale_exp
+        if not bool((ok_nan | ((k >= -126) & (k <= 127))).all()):
+            return None
+        k = k.clamp(-126, 127)
+        q = torch.round(xb * ((127 - k) << 23).view(torch.float32))
+        q = q.clamp(elem.min_code, elem.max_code)
+        if want_codes:
+            return q.to(torch.int64) & ((1 << elem.bits) - 1)
+        return (q + 0.0) * ((127 + k) << 23).view(torch.float32)  # integers have no -0
+    m, emin = elem.mantissa_bits, elem.emin
+    base = Xi + emin
+    if not bool((ok_nan | (base - m >= -126)).all()):
+        return None
+    base = base.clamp_min(-126 + m)
+    b = xb.view(torch.int32)
+    ey = torch.maximum(((b >> 23) & 0xFF) - 127, base)
+    k = ey - m
+    q = torch.round(xb * ((127 - k) << 23).view(torch.float32))
+    up = ((127 + k) << 23).view(torch.float32)
+    maxv = (elem.max_normal * pow2(X)).to(torch.float32)[..., None]  # Inf past float32
+    if want_codes:
+        aq = q.abs()
+        cm = ((ey - base) << m).to(torch.int64) + aq.to(torch.int64)
+        cm = torch.where(aq * up > maxv, elem.max_code, cm)
+        return cm | torch.where(b < 0, 1 << (elem.bits - 1), 0)
+    val = q * up
+    return torch.minimum(torch.maximum(val, -maxv), maxv)
+
+
+def _mx(xb, fmt, mode, compat, seed, index, want_codes, fast=True):
     """OCP MX (and compat="microxcaling"): see ``numfmt._kernels._mx_block_exponent``,
     ``_mx_element`` and ``_mx_generic_block``."""
     elem = fmt.element
@@ -274,6 +317,13 @@ def _mx(xb, fmt, mode, compat, seed, index, want_codes):
     if not mx_compat:
         X = torch.where(zero, -127, X)
     X = torch.where(is_nan, 0, X)
+    nan_b = is_nan[..., None]
+    if fast and not mx_compat and mode == RNE and xb.dtype == torch.float32:
+        res = _mx_rne_f32(xb, X, is_nan, fmt, want_codes)
+        if res is not None:
+            if want_codes:
+                return (torch.where(nan_b, 0, res), torch.where(is_nan, 255, X + 127), None)
+            return torch.where(nan_b, float("nan"), res)
     Xe = X[..., None]
     v = xb.to(torch.float64)
 
@@ -311,7 +361,6 @@ def _mx(xb, fmt, mode, compat, seed, index, want_codes):
                 cm = ((qe - (emin - m)) << m) + n.abs().to(torch.int64)
             cm = torch.where(sat, max_code_mag, cm)
             codes = cm | (torch.signbit(n).to(torch.int64) * sign_bit)
-        nan_b = is_nan[..., None]
         codes = torch.where(nan_b, 0, codes)
         scales = torch.where(is_nan, 255, X + 127)
         return codes, scales, None

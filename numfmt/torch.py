@@ -146,7 +146,7 @@ def _compiled_blocks(fmt, mode: int, compat: str, seed: int, want_codes: bool):
     """``_torch_backend.quantize_blocks`` for one (format, mode, compat, seed) through
     torch.compile (made once, compiled on first call per shape)."""
     def run(x2):
-        return TB.quantize_blocks(x2, fmt, mode, compat, seed, want_codes)
+        return TB.quantize_blocks(x2, fmt, mode, compat, seed, want_codes, fast=False)
     return torch.compile(run, options=_COMPILE_OPTIONS)
 
 

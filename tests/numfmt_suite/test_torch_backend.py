@@ -366,3 +366,18 @@ def test_compiled_backend_equals_numba(device):
             got = nft.fake_quantize(t, name, backend="compiled", rounding="stochastic", seed=1)
             assert same_bits(got.cpu().numpy(), numfmt.fake_quantize(
                 x, name, rounding="stochastic", seed=1))
+
+
+@pytest.mark.parametrize("fmt", [f for f in BLOCK_FORMATS if f.scaling == "mx"], ids=fmt_id)
+def test_float32_rne_route_row_by_row(fmt):
+    """OCP + RNE on float32 input takes a float32 route when every block of the call is
+    inside its exact range, else the float64 one: each edge row alone (most rows in range,
+    the rows at scales near 2^-127 not) must still give the Numba bits."""
+    x = edge_matrix(fmt)
+    routes = set()
+    for row in x:
+        assert_backends_equal(row[None, :].copy(), fmt, "rne")
+        X = torch.from_numpy(numfmt.quantize(row[None, :], fmt).scales.astype(np.int64) - 127)
+        routes.add(TB._mx_rne_f32(torch.from_numpy(row[None, :fmt.block_size].copy())[:, None, :],
+                                  X[:, :1], X[:, :1] == 128, fmt, False) is None)
+    assert routes == {True, False}  # both routes ran
