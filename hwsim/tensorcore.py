@@ -660,54 +660,127 @@ def _from_float(c):
 
 
 @njit(inline="always", **_JIT)
+def _anchor_denorm(ea, eb, k0, k1):
+    """_anchor for unnormalized products: max_k ea + eb (a vectorized integer max)."""
+    X = np.int64(-(1 << 40))
+    for k in range(k0, k1):
+        X = max(X, np.int64(ea[k]) + np.int64(eb[k]))
+    return X
+
+
+@njit(inline="always", **_JIT)
+def _sum_truncated(va, vb, k0, k1, scale):
+    """_aligned_sum without a sticky bit."""
+    S = np.int64(0)
+    for k in range(k0, k1):
+        S += np.int64(va[k] * vb[k] * scale)
+    return S
+
+
+@njit(inline="always", **_JIT)
+def _with_addend(X, q, qe, min_anchor):
+    """The anchor over the products (X) and the addend q * 2^qe read as FP32 (exponent >=
+    -126), no lower than min_anchor; below -2^23 when there is nothing nonzero."""
+    if q != 0:
+        X = max(X, max(_bitlen(q) - 1 + qe, np.int64(-126)))
+    if X < -(1 << 23):
+        return X
+    return max(X, np.int64(min_anchor))
+
+
+@njit(inline="always", **_JIT)
+def _finish(S, X, neg, q, qe, F, m_out, emin, emax, rne, sticky, out_sub):
+    """Add the addend (-1)^neg * q * 2^qe truncated to the unit 2^(X - F) (with its sticky
+    bit) to the products' aligned sum S, and round: (neg, q, qe, inf) of the result."""
+    if q != 0:
+        sh = qe - (X - F)
+        if sh >= 0:
+            t = q << sh
+            lost = False
+        else:
+            r = min(-sh, np.int64(62))
+            t = q >> r
+            lost = (t << r) != q
+        if sticky:
+            t = (t << 1) | np.int64(lost)
+        S += -t if neg else t
+    return _round_q(S, X - F - (1 if sticky else 0), m_out, emin, emax, rne, out_sub)
+
+
+@njit(inline="always", **_JIT)
+def _unit(X, F):
+    """1 / u = 2^(F - X) from its bits (|F - X| < 1000 for any input with its scale)."""
+    return f64_from_bits((np.int64(1023) + F - X) << 52)
+
+
+@njit(inline="always", **_JIT)
+def _promote(reg, neg, q, qe, inf):
+    return np.float32(reg + np.float32(_to_float(neg, q, qe, inf)))
+
+
+# Two copies of the chain: the measured units' case (unnormalized products, no sticky bit)
+# with only those loops in it, which LLVM vectorizes, and the general one; runtime flags
+# inside one loop nest made it several times slower.
+@njit(inline="always", **_JIT)
+def _chain_measured(va, ea, vb, eb, c, F, m_out, emin, emax, rne, min_anchor, out_sub, fma,
+                    promote):
+    """_chain for products_denormalized=True, sticky_bit=False."""
+    K = va.shape[0]
+    reg = np.float32(c)
+    neg, q, qe = _from_float(c) if promote == 0 else (False, np.int64(0), np.int64(0))
+    inf = False
+    for k0 in range(0, K, fma):
+        k1 = min(k0 + fma, K)
+        if not inf:
+            X = _with_addend(_anchor_denorm(ea, eb, k0, k1), q, qe, min_anchor)
+            if X < -(1 << 23):
+                neg = False
+            else:
+                S = _sum_truncated(va, vb, k0, k1, _unit(X, F))
+                neg, q, qe, inf = _finish(S, X, neg, q, qe, F, m_out, emin, emax, rne, False,
+                                          out_sub)
+        if promote != 0 and (k1 % promote == 0 or k1 == K):
+            reg = _promote(reg, neg, q, qe, inf)
+            neg, q, qe, inf = False, np.int64(0), np.int64(0), False
+    return np.float64(reg) if promote != 0 else _to_float(neg, q, qe, inf)
+
+
+@njit(inline="always", **_JIT)
+def _chain_general(va, ea, vb, eb, c, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+                   out_sub, fma, promote):
+    """_chain for any sticky_bit / products_denormalized."""
+    K = va.shape[0]
+    reg = np.float32(c)
+    neg, q, qe = _from_float(c) if promote == 0 else (False, np.int64(0), np.int64(0))
+    inf = False
+    for k0 in range(0, K, fma):
+        k1 = min(k0 + fma, K)
+        if not inf:
+            X = _with_addend(_anchor(va, ea, vb, eb, k0, k1, denorm), q, qe, min_anchor)
+            if X < -(1 << 23):
+                neg = False
+            else:
+                S = _aligned_sum(va, vb, k0, k1, _unit(X, F), sticky)
+                neg, q, qe, inf = _finish(S, X, neg, q, qe, F, m_out, emin, emax, rne, sticky,
+                                          out_sub)
+        if promote != 0 and (k1 % promote == 0 or k1 == K):
+            reg = _promote(reg, neg, q, qe, inf)
+            neg, q, qe, inf = False, np.int64(0), np.int64(0), False
+    return np.float64(reg) if promote != 0 else _to_float(neg, q, qe, inf)
+
+
+@njit(inline="always", **_JIT)
 def _chain(va, ea, vb, eb, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
            out_sub, fma, promote):
     """D_{j+1} = TC(chunk j, D_j) over a row pair (va, ea) x (vb, eb) from D_0 = c; with
     ``promote`` > 0, D restarts at +0 and is added (FP32, RNE) into a register that starts
-    at c, every ``promote`` products. The running D is held as (-1)^neg * q * 2^qe."""
-    K = va.shape[0]
-    reg = np.float32(c)
-    if promote == 0:
-        neg, q, qe = _from_float(c)
-    else:
-        neg, q, qe = False, np.int64(0), np.int64(0)
-    inf = False
-    below = 1 if sticky else 0
-    for k0 in range(0, K, fma):
-        k1 = min(k0 + fma, K)
-        if not inf:  # (+-Inf plus finite products stays +-Inf)
-            # one operation of the unit: the anchor X over the nonzero products and the
-            # addend (read as FP32: exponent >= -126), no lower than min_anchor
-            X = _anchor(va, ea, vb, eb, k0, k1, denorm)
-            if q != 0:
-                X = max(X, max(_bitlen(q) - 1 + qe, np.int64(-126)))
-            if X < -(1 << 23):  # no nonzero product, zero addend: +0
-                neg = False
-            else:
-                X = max(X, np.int64(min_anchor))
-                # every term truncated to a multiple of u = 2^(X - F); 2^(F - X) from its
-                # bits (|F - X| < 1000 for any input with its scale)
-                S = _aligned_sum(va, vb, k0, k1, f64_from_bits((np.int64(1023) + F - X) << 52),
-                                 sticky)
-                if q != 0:
-                    sh = qe - (X - F)
-                    if sh >= 0:
-                        t = q << sh
-                        lost = False
-                    else:
-                        r = min(-sh, np.int64(62))
-                        t = q >> r
-                        lost = (t << r) != q
-                    if sticky:
-                        t = (t << 1) | np.int64(lost)
-                    S += -t if neg else t
-                neg, q, qe, inf = _round_q(S, X - F - below, m_out, emin, emax, rne, out_sub)
-        if promote != 0 and (k1 % promote == 0 or k1 == K):
-            reg = np.float32(reg + np.float32(_to_float(neg, q, qe, inf)))
-            neg, q, qe, inf = False, np.int64(0), np.int64(0), False
-    if promote != 0:
-        return np.float64(reg)
-    return _to_float(neg, q, qe, inf)
+    at c, every ``promote`` products. The running D is held as (-1)^neg * q * 2^qe; a D
+    of +-Inf stays +-Inf (Inf plus finite products)."""
+    if denorm and not sticky:
+        return _chain_measured(va, ea, vb, eb, c, F, m_out, emin, emax, rne, min_anchor,
+                               out_sub, fma, promote)
+    return _chain_general(va, ea, vb, eb, c, F, m_out, emin, emax, rne, sticky, denorm,
+                          min_anchor, out_sub, fma, promote)
 
 
 @njit(**_JIT)
