@@ -246,11 +246,15 @@ class TensorCore:
             return out
         if not self.subnormal_outputs and not promote:  # c enters the unit
             C = np.where(np.abs(C) < self.output.min_normal, 0.0, C)
-        VA, EA, spec_a = decode_operand(A, self, name="a")
-        VB, EB, spec_b = decode_operand(B, self, name="b")
-        special = spec_a | spec_b | ~np.isfinite(C)
         res = np.empty(n, dtype=np.float64)
-        _split(_dot_rows, n, VA, EA, VB, EB, C, *_kernel_params(self), promote, res)
+        bad_a = np.empty(n, dtype=np.int64)
+        bad_b = np.empty(n, dtype=np.int64)
+        special = np.empty(n, dtype=np.bool_)
+        _split(_dot_rows, n, A, B, C, bad_a, bad_b, special, *_decode_params(self),
+               *_kernel_params(self), promote, res)
+        _raise_bad(A, bad_a, self.input, "a")
+        _raise_bad(B, bad_b, self.input, "b")
+        special |= ~np.isfinite(C)
         if special.any():
             res[special] = _ieee_rows(A[special], B[special], C[special])
         out[:] = res
@@ -784,11 +788,31 @@ def _chain(va, ea, vb, eb, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_
 
 
 @njit(**_JIT)
-def _dot_rows(r0, r1, VA, EA, VB, EB, C, p, F, m_out, emin, emax, rne, sticky, denorm,
-              min_anchor, out_sub, fma, promote, out):
-    for i in range(r0, r1):
-        out[i] = _chain(VA[i], EA[i], VB[i], EB[i], C[i], p, F, m_out, emin, emax, rne,
-                        sticky, denorm, min_anchor, out_sub, fma, promote)
+def _dot_rows(r0, r1, a, b, C, bad_a, bad_b, spec, dp_p, dp_emin, dp_max, dp_sub, dp_nan,
+              dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor, out_sub, fma,
+              promote, out):
+    """Rows r0..r1-1 of TensorCore.dot: decode a tile of rows into small buffers reused
+    tile after tile (no fresh memory per element), then chain the unit over each row."""
+    K = a.shape[1]
+    tile = max(1, min(256, 65536 // max(K, 1)))
+    VA = np.empty((tile, K), dtype=np.float64)
+    VB = np.empty((tile, K), dtype=np.float64)
+    EA = np.empty((tile, K), dtype=np.int32)
+    EB = np.empty((tile, K), dtype=np.int32)
+    off = np.zeros((1, 1), dtype=np.int32)
+    for t0 in range(r0, r1, tile):
+        t1 = min(t0 + tile, r1)
+        for i in range(t0, t1):
+            j = i - t0
+            bad_a[i], sa = _decode_row(a[i], VA[j], EA[j], dp_p, dp_emin, dp_max, dp_sub,
+                                       dp_nan, dp_inf, off[0], False)
+            bad_b[i], sb = _decode_row(b[i], VB[j], EB[j], dp_p, dp_emin, dp_max, dp_sub,
+                                       dp_nan, dp_inf, off[0], False)
+            spec[i] = sa or sb
+        for i in range(t0, t1):
+            j = i - t0
+            out[i] = _chain(VA[j], EA[j], VB[j], EB[j], C[i], p, F, m_out, emin, emax, rne,
+                            sticky, denorm, min_anchor, out_sub, fma, promote)
 
 
 @njit(**_JIT)
