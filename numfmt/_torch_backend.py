@@ -13,7 +13,10 @@ same bits come out on a CPU, a GPU or any other torch device:
 * ``torch.round`` (half to even), ``floor`` / ``ceil`` / ``trunc``, ``copysign``,
   comparisons, ``where``;
 * the float32 steps of NVFP4 and of compat="microxcaling" as single IEEE float32
-  multiplications, divisions and casts, exactly where the kernels round to float32.
+  multiplications, divisions and casts, exactly where the kernels round to float32;
+  every divisor is a tensor on the data's device (CUDA turns division by a CPU scalar
+  into a multiplication by its reciprocal, which is not the correctly rounded quotient);
+* for OCP MX with RNE on float32 input, the kernels' float32 loops (``_mx_rne_f32``).
 
 No step relies on a fused or reassociated float operation: every float product that
 feeds an addition is exact, so a backend that contracted it into an FMA would get the
@@ -29,9 +32,10 @@ bits masked off. The element index is the one the kernels use: the element's fla
 position with the quantized axis moved last (C order), or the flat position for
 element formats.
 
-Entry points (tensors in, tensors out, all on the input's device):
-``quantize_blocks`` / ``fake_blocks`` for block formats on a (rows, L) tensor,
-``encode`` / ``decode`` for element formats, ``dequantize_blocks``.
+Entry points (tensors in, tensors out, all on the input's device): ``quantize_blocks``
+for block formats on a (rows, L) tensor (codes and scales, or fake-quantized values),
+``encode`` / ``decode`` for element formats, ``dequantize_blocks``. ``numfmt.torch``
+wraps them (axis handling, checks, QTensors, autograd).
 """
 from __future__ import annotations
 
