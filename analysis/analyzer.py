@@ -542,32 +542,52 @@ def _clean(x):
     return x
 
 
-def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, seed, steps,
-                     activations, cache: LayerCache | None, progress: _Progress,
-                     ref_rank: int = 32, smoothing: bool = True) -> dict:
-    """Quantize every weight for ``cfg``, loading finished layers from ``cache``.
+def _fit_layer(W, cfg, method, seed, steps, acts, ref_rank, smoothing):
+    """One layer's fit: a pure task (module level, so a Dask worker can import it).
 
     Runs on one torch thread: the optimizer's GEMMs are too small to gain from
     two, and its result bits then do not depend on the machine's thread count.
     """
-    method = (methods or {}).get(cfg.name) or method_for(cfg)
-    results = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, W in weights.items():
-            res = cache.load(cfg.name, name) if cache is not None else None
-            if res is None:
-                acts = None if activations is None else activations.get(name)
-                res = quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts,
-                                      ref_rank=ref_rank, smoothing=smoothing)
-                if cache is not None:
-                    cache.save(cfg.name, name, res)
-            results[name] = res
-            progress.step(1, f"{cfg.name} {name}")
+        return quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts,
+                               ref_rank=ref_rank, smoothing=smoothing)
     finally:
         torch.set_num_threads(threads)
-    return results
+
+
+def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, seed, steps,
+                     activations, cache: LayerCache | None, progress: _Progress,
+                     ref_rank: int = 32, smoothing: bool = True, client=None) -> dict:
+    """Quantize every weight for ``cfg``, loading finished layers from ``cache``.
+
+    The layers left are fitted by ``analysis.cluster.map_layers``: in this
+    process without a ``client``, else as Dask tasks (weights and activations
+    scattered once); the client saves each result to the cache as it arrives.
+    """
+    from analysis import cluster
+
+    method = (methods or {}).get(cfg.name) or method_for(cfg)
+    results = {}
+    todo = []
+    for name, W in weights.items():
+        res = cache.load(cfg.name, name) if cache is not None else None
+        if res is None:
+            acts = None if activations is None else activations.get(name)
+            wrap = cluster.scatter if client is not None else (lambda v: v)
+            todo.append((name, (wrap(W), cfg, method, seed, steps,
+                                None if acts is None else wrap(acts), ref_rank, smoothing)))
+        else:
+            results[name] = res
+            progress.step(1, f"{cfg.name} {name}")
+    for name, res in cluster.map_layers(_fit_layer, todo, client=client,
+                                        priority={n: weights[n].size for n, _ in todo}):
+        if cache is not None:
+            cache.save(cfg.name, name, res)
+        results[name] = res
+        progress.step(1, f"{cfg.name} {name}")
+    return {n: results[n] for n in weights}
 
 
 def _check_ranks(cfgs, shapes: dict) -> None:
@@ -603,7 +623,7 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
             tokens: int = DEFAULT_TOKENS, mode: str = "fast", methods: dict | None = None,
             cache_dir=None, cache_key: str = "", progress=None, layers: Sequence[str] | None = None,
             groups: Sequence | None = None, end_metric=None, smoothing: bool = True,
-            ref_rank: int = 32) -> dict:
+            ref_rank: int = 32, client=None) -> dict:
     """Analyze the quantizable layers of ``model`` under each configuration.
 
     ``layers``: names of ``nn.Linear`` / 1 x 1 ``nn.Conv2d`` modules (default:
@@ -619,6 +639,8 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
     group (``*_by_timestep``) with its mean and worst. ``end_metric``: an
     ``analysis.models.EndMetric`` (default: output cosine and nearest-neighbour
     agreement). ``methods`` maps a configuration name to a method in ``METHODS``.
+    ``client``: a Dask client (``analysis.cluster.connect``) for the per-layer
+    fits, or None to run them here; the results are the same bits either way.
     Returns ``{"configs": {name: {...}}, "layer_names": [...]}`` (see
     ``analysis.report`` for the fields). The model is left unchanged.
     """
@@ -663,6 +685,9 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
     ref = end_metric.reference(model, fp_final_b)
 
     out = {"layer_names": names, "configs": {}}
+    ref_metrics = getattr(end_metric, "reference_metrics", None)
+    if ref_metrics is not None:
+        out["reference"] = {"end_metrics": _clean(ref_metrics)}
     for cfg in cfgs:
         done = cache.load_json(cfg.name, "measured") if cache is not None else None
         if done is not None:
@@ -672,7 +697,7 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
         results = _optimize_layers(weights, cfg, methods=methods, seed=seed, steps=steps,
                                    activations=acts if smoothed(cfg, smoothing) else None,
                                    cache=cache, progress=prog, ref_rank=ref_rank,
-                                   smoothing=smoothing)
+                                   smoothing=smoothing, client=client)
         qmods = {n: _quant_module(mods[n], results[n], cfg, biases[n], mode, n) for n in names}
         recs = []
         for n in names:
@@ -784,7 +809,7 @@ def _formats(cfg: Config) -> dict:
 def analyze_weights(weights: Mapping[str, np.ndarray], configs=DEFAULT_CONFIGS, *, main="mxint4",
                     branch="mxint", seed: int = 0, steps: int | None = None,
                     tokens: int = DEFAULT_TOKENS, methods: dict | None = None, cache_dir=None,
-                    cache_key: str = "", progress=None, ref_rank: int = 32) -> dict:
+                    cache_key: str = "", progress=None, ref_rank: int = 32, client=None) -> dict:
     """Weights-only analysis of every 2-D weight (out x in) in ``weights``.
 
     Per layer: weight error, accumulator bounds (worst case, l1) and cost; no
@@ -807,7 +832,8 @@ def analyze_weights(weights: Mapping[str, np.ndarray], configs=DEFAULT_CONFIGS, 
             out["configs"][cfg.name] = done
             continue
         results = _optimize_layers(mats, cfg, methods=methods, seed=seed, steps=steps,
-                                   activations=None, cache=cache, progress=prog, ref_rank=ref_rank)
+                                   activations=None, cache=cache, progress=prog, ref_rank=ref_rank,
+                                   client=client)
         layers = []
         for n, W in mats.items():
             q = QuantLinear.from_result(results[n], cfg, name=n)

@@ -42,24 +42,54 @@ CSV_FIELDS = ("config", "name", "out", "in", "method", "rank", "weight_error", "
               "branch_act_error", "local_sqnr_db", "propagated_sqnr_db", "acc_bits_worst",
               "acc_bits_l1", "acc_bits_observed", "branch_acc_bits_worst", "branch_acc_bits_l1",
               "branch_acc_bits_observed", "weight_bits", "branch_bits", "macs", "energy_pj",
-              "compute_energy_pj", "memory_energy_pj")
+              "compute_energy_pj", "memory_energy_pj", "local_sqnr_db_mean_t",
+              "local_sqnr_db_worst_t", "propagated_sqnr_db_mean_t", "propagated_sqnr_db_worst_t")
 
 
 def _is_fp16(cfg: dict) -> bool:
     return (cfg.get("formats") or {}).get("branch_weight") == "fp16"
 
 
+# End metrics a report can show: (key, column label, format, higher is better).
+END_METRICS = (
+    ("fid", "FID (clf. features)", "{:.2f}", False),
+    ("class_accuracy", "class acc.", "{:.3f}", True),
+    ("psnr_db", "PSNR dB vs FP", "{:.2f}", True),
+    ("feature_distance", "feature dist. vs FP", "{:.4f}", False),
+    ("mean_cosine", "mean cos", "{:.4f}", True),
+    ("min_cosine", "min cos", "{:.4f}", True),
+    ("top1_agreement", "top-1 agree", "{:.3f}", True),
+    ("output_sqnr_db", "output SQNR dB", "{:.2f}", True),
+    ("output_sqnr_db_worst", "worst-timestep output SQNR dB", "{:.2f}", True),
+    ("kl_mean", "KL mean (nats)", "{:.4g}", False),
+    ("kl_max", "KL max (nats)", "{:.4g}", False),
+)
+
+
+def present_metrics(configs: dict, reference: dict | None = None) -> list[tuple]:
+    """The END_METRICS that some configuration (or the reference) has a value for."""
+    ems = [c.get("end_metrics") or {} for c in configs.values()]
+    if reference:
+        ems.append(reference.get("end_metrics") or {})
+    return [m for m in END_METRICS if any(e.get(m[0]) is not None for e in ems)]
+
+
 def headline(configs: dict) -> list[dict]:
     """Each quantized-branch configuration against the FP16 branch (the first one present).
 
-    Per configuration: its and the reference's mean cosine, weight error mean,
-    propagated SQNR mean and memory overhead, the relative weight-error change
-    (1 - mine / reference) and the SQNR gain in dB. Empty without an FP16 config.
+    Per configuration: its and the reference's end metrics (every key of
+    ``END_METRICS`` present), weight error mean, propagated SQNR mean and memory
+    overhead, the relative weight-error change (1 - mine / reference) and the
+    SQNR gain in dB. Empty without an FP16 config.
     """
     ref_name = next((k for k, c in configs.items() if _is_fp16(c)), None)
     if ref_name is None:
         return []
     ref = configs[ref_name]
+    keys = [m[0] for m in present_metrics(configs)]
+    for k in ("mean_cosine", "min_cosine", "top1_agreement"):
+        if k not in keys:
+            keys.append(k)
     rows = []
     for name, c in configs.items():
         if name == ref_name or not (c.get("formats") or {}).get("branch_weight"):
@@ -69,7 +99,7 @@ def headline(configs: dict) -> list[dict]:
                   "memory_overhead_bits", "energy_pj"):
             row[k] = c.get(k)
             row["reference_" + k] = ref.get(k)
-        for k in ("mean_cosine", "min_cosine", "top1_agreement"):
+        for k in keys:
             row[k] = c["end_metrics"].get(k)
             row["reference_" + k] = ref["end_metrics"].get(k)
         we, rwe = c.get("weight_error_mean"), ref.get("weight_error_mean")
@@ -83,9 +113,14 @@ def headline(configs: dict) -> list[dict]:
 
 
 def build_results(analysis: dict, settings: dict) -> dict:
-    """results.json's content: settings, layer names, per-config results, headline."""
-    return {"settings": settings, "layer_names": analysis["layer_names"],
-            "configs": analysis["configs"], "headline": headline(analysis["configs"])}
+    """results.json's content: settings, layer names, the full-precision reference (when the
+    end metric has one), per-config results, headline."""
+    out = {"settings": settings, "layer_names": analysis["layer_names"]}
+    if analysis.get("reference") is not None:
+        out["reference"] = analysis["reference"]
+    out["configs"] = analysis["configs"]
+    out["headline"] = headline(analysis["configs"])
+    return out
 
 
 # --------------------------------------------------------------------------- formatting
@@ -104,39 +139,85 @@ def _mb(bits) -> str:
 
 
 def _short(name: str) -> str:
+    name = (name.replace("transformer.transformer_blocks.", "b").replace("model.transformer_blocks.",
+                                                                          "b")
+            .replace("transformer.", "").replace("model.", ""))
     return (name.replace("encoder.layer.", "L").replace("attention.self.", "attn.")
             .replace("attention.output.dense", "attn.out").replace("intermediate.dense", "ffn.up")
             .replace("output.dense", "ffn.down"))
 
 
 def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["config", "method", "rank", "mean cos", "min cos", "top-1 NN", "weight err mean",
-            "weight err max", "local SQNR dB", "prop. SQNR dB mean", "prop. SQNR dB min",
-            "overhead MiB", "energy uJ"]
+    """One row per configuration (and a first "full precision" row when the end metric has a
+    reference): method, rank, the end metrics present, weight error, SQNR, overhead, energy."""
+    ems = present_metrics(results["configs"], results.get("reference"))
+    head = (["config", "method", "rank"] + [m[1] for m in ems]
+            + ["weight err mean", "weight err max", "local SQNR dB", "prop. SQNR dB mean",
+               "prop. SQNR dB min", "overhead MiB", "energy uJ"])
     rows = []
+    if results.get("reference"):
+        em = results["reference"].get("end_metrics") or {}
+        rows.append(["full precision", "-", "-"] + [_f(em.get(k), f) for k, _, f, _ in ems]
+                    + ["0", "0", "inf", "inf", "inf", "0", "-"])
     for name, c in results["configs"].items():
         em = c["end_metrics"]
         rank = (f"{c['rank_min']}" if c["rank_min"] == c["rank_max"]
                 else f"{c['rank_min']}-{c['rank_max']}")
-        rows.append([name, c["method"], rank, _f(em.get("mean_cosine")), _f(em.get("min_cosine")),
-                     _f(em.get("top1_agreement"), "{:.3f}"), _f(c.get("weight_error_mean")),
-                     _f(c.get("weight_error_max")), _f(c.get("local_sqnr_db_mean"), "{:.2f}"),
-                     _f(c.get("propagated_sqnr_db_mean"), "{:.2f}"),
-                     _f(c.get("propagated_sqnr_db_min"), "{:.2f}"), _mb(c.get("memory_overhead_bits")),
-                     _f(c["energy_pj"] / 1e6, "{:.1f}")])
+        rows.append([name, c["method"], rank] + [_f(em.get(k), f) for k, _, f, _ in ems]
+                    + [_f(c.get("weight_error_mean")),
+                       _f(c.get("weight_error_max")), _f(c.get("local_sqnr_db_mean"), "{:.2f}"),
+                       _f(c.get("propagated_sqnr_db_mean"), "{:.2f}"),
+                       _f(c.get("propagated_sqnr_db_min"), "{:.2f}"),
+                       _mb(c.get("memory_overhead_bits")),
+                       _f(c["energy_pj"] / 1e6, "{:.1f}")])
     return head, rows
 
 
 def headline_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["config", "vs", "mean cos", "vs mean cos", "min cos", "vs min cos",
-            "weight err reduction", "prop. SQNR gain dB", "memory ratio"]
+    ems = present_metrics(results["configs"])
+    head = ["config", "vs"]
+    for _, lab, _, _ in ems:
+        head += [lab, "vs " + lab]
+    head += ["weight err reduction", "prop. SQNR gain dB", "memory ratio"]
     rows = []
     for h in results.get("headline", []):
-        rows.append([h["config"], h["reference"], _f(h["mean_cosine"]), _f(h["reference_mean_cosine"]),
-                     _f(h["min_cosine"]), _f(h["reference_min_cosine"]),
-                     _f(h["weight_error_reduction"], "{:.1%}"),
-                     _f(h["propagated_sqnr_gain_db"], "{:+.2f}"), _f(h["memory_ratio"], "{:.3f}")])
+        row = [h["config"], h["reference"]]
+        for k, _, f, _ in ems:
+            row += [_f(h.get(k), f), _f(h.get("reference_" + k), f)]
+        rows.append(row + [_f(h["weight_error_reduction"], "{:.1%}"),
+                           _f(h["propagated_sqnr_gain_db"], "{:+.2f}"),
+                           _f(h["memory_ratio"], "{:.3f}")])
     return head, rows
+
+
+def timestep_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Per configuration: propagated SQNR mean over layers at each timestep (None without
+    timesteps)."""
+    first = next(iter(results["configs"].values()))
+    if not first["layers"] or first["layers"][0].get("propagated_sqnr_db_by_timestep") is None:
+        return None
+    ts = list(first["layers"][0]["propagated_sqnr_db_by_timestep"])
+    head = ["config"] + [f"t={t}" for t in ts] + ["mean over t", "worst t"]
+    rows = []
+    for name, c in results["configs"].items():
+        per = []
+        for t in ts:
+            v = [l["propagated_sqnr_db_by_timestep"].get(t) for l in c["layers"]]
+            v = [x for x in v if x is not None and math.isfinite(x)]
+            per.append(sum(v) / len(v) if v else None)
+        ok = [p for p in per if p is not None]
+        rows.append([name] + [_f(p, "{:.2f}") for p in per]
+                    + [_f(sum(ok) / len(ok) if ok else None, "{:.2f}"),
+                       _f(min(ok) if ok else None, "{:.2f}")])
+    return head, rows
+
+
+def skipped_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    sk = results.get("settings", {}).get("skipped_layers") or []
+    if not sk:
+        return None
+    return (["module", "type", "parameters", "why it stays in full precision"],
+            [[d["name"], d["type"], str(d.get("parameters", "")), d["reason"]] for d in sk])
 
 
 def layer_table(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -223,19 +304,20 @@ def plots(results: dict) -> dict[str, bytes]:
     out["per_layer_sqnr.png" if has_prop else "per_layer_weight_error.png"] = _png(fig)
 
     # 2. Pareto: error vs memory overhead
+    ems = present_metrics(cfgs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, c in cfgs.items():
         x = (c.get("memory_overhead_bits") or 0) / 8 / 2**20
         axes[0].scatter([x], [c.get("weight_error_mean")], s=40)
         axes[0].annotate(name, (x, c.get("weight_error_mean") or 0), fontsize=7)
-        em = c["end_metrics"].get("mean_cosine")
+        em = c["end_metrics"].get(ems[0][0]) if ems else None
         y2 = em if em is not None else c.get("weight_error_max")
         axes[1].scatter([x], [y2], s=40)
         axes[1].annotate(name, (x, y2 or 0), fontsize=7)
     axes[0].set_xlabel("weight memory overhead vs main-only (MiB)")
     axes[0].set_ylabel("mean relative weight error")
     axes[1].set_xlabel("weight memory overhead vs main-only (MiB)")
-    axes[1].set_ylabel("mean cosine to FP output" if has_prop else "max relative weight error")
+    axes[1].set_ylabel(ems[0][1] if ems else "max relative weight error")
     for a in axes:
         a.grid(alpha=0.3)
     fig.suptitle("Error against memory overhead (lower-left / upper-left is better)")
@@ -290,6 +372,59 @@ def plots(results: dict) -> dict[str, bytes]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     out["energy.png"] = _png(fig)
+
+    # 5. layer x timestep heatmaps of the propagated SQNR, one panel per configuration
+    first_l = first["layers"][0] if first["layers"] else {}
+    if first_l.get("propagated_sqnr_db_by_timestep"):
+        ts = list(first_l["propagated_sqnr_db_by_timestep"])
+        n = len(cfgs)
+        cols = min(4, n)
+        rows_ = -(-n // cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 0.12 * len(first["layers"]) * rows_ + 1.5),
+                                 squeeze=False)
+        vals = [[[l["propagated_sqnr_db_by_timestep"].get(t) for t in ts] for l in c["layers"]]
+                for c in cfgs.values()]
+        flat = [v for m in vals for r in m for v in r if v is not None and math.isfinite(v)]
+        lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
+        for i, (name, m) in enumerate(zip(cfgs, vals)):
+            ax = axes[i // cols][i % cols]
+            arr = [[math.nan if v is None else v for v in r] for r in m]
+            im = ax.imshow(arr, aspect="auto", cmap="viridis", vmin=lo, vmax=hi,
+                           interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+            ax.set_xticks(range(len(ts)))
+            ax.set_xticklabels(ts, rotation=90, fontsize=5)
+            ax.set_yticks(range(len(first["layers"])))
+            ax.set_yticklabels([_short(l["name"]) for l in first["layers"]] if i % cols == 0
+                               else [], fontsize=3.5)
+            ax.set_xlabel("timestep", fontsize=7)
+        for j in range(n, rows_ * cols):
+            axes[j // cols][j % cols].axis("off")
+        fig.colorbar(im, ax=axes, shrink=0.6, label="propagated SQNR (dB)")
+        fig.suptitle("Per-layer propagated SQNR at each timestep (layer x timestep)")
+        out["timestep_heatmap.png"] = _png(fig)
+
+    # 6. picture grid: the full-precision model and each configuration, same seeds
+    ref = (results.get("reference") or {}).get("end_metrics") or {}
+    if ref.get("grid_uint8") is not None:
+        panels = [("full precision", ref["grid_uint8"])] + [
+            (name, c["end_metrics"].get("grid_uint8")) for name, c in cfgs.items()
+            if c["end_metrics"].get("grid_uint8") is not None]
+        k = len(panels[0][1])
+        fig, axes = plt.subplots(len(panels), k, figsize=(0.55 * k + 1.6, 0.6 * len(panels) + 0.4),
+                                 squeeze=False)
+        for r, (name, imgs) in enumerate(panels):
+            for j in range(k):
+                ax = axes[r][j]
+                ax.imshow(imgs[j], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+        fig.suptitle("Generated digits: same noise seeds and classes (class = column mod 10)",
+                     fontsize=9)
+        fig.subplots_adjust(left=0.2, wspace=0.05, hspace=0.08)
+        out["samples.png"] = _png(fig)
     return out
 
 
@@ -312,19 +447,33 @@ def _sections(results: dict, images: dict[str, bytes], run_info: dict | None):
     """The report as [(heading, [blocks])]: blocks are ('p', text), ('table', (head, rows)), ('img', name)."""
     s = results["settings"]
     cfgs = results["configs"]
-    weights_only = all(c["end_metrics"].get("mean_cosine") is None for c in cfgs.values())
+    ems = present_metrics(cfgs, results.get("reference"))
+    weights_only = not ems
     intro = [("p", f"Model: {s.get('model')}. Configurations: {', '.join(cfgs)}. Main format "
                    f"{s.get('main')}, branch family {s.get('branch')}, seed {s.get('seed')}; "
+                   f"reference FP16 branch rank {s.get('ref_rank', 32)} (FP16 configurations "
+                   "without r<rank> use it; quantized branches get its memory); "
                    f"cost for {s.get('tokens')} tokens per layer (hwsim.cost, Horowitz 45 nm).")]
     if not weights_only:
+        sm = ("LoRaQ runs SVDQuant's smoothing search first (the paper's pipeline) except "
+              "configurations ending in -nosmooth" if s.get("smoothing", True)
+              else "LoRaQ runs without smoothing (--no-smoothing: purely data-free)")
         intro.append(("p", f"Per-layer errors are measured on the evaluation inputs "
                            f"({s.get('evaluation')}); calibration inputs ({s.get('calibration')}) "
-                           "only feed SVDQuant's smoothing. End metrics compare the quantized "
-                           "model's outputs with the full-precision model's: mean / min cosine "
-                           "and top-1 nearest-neighbour agreement."))
+                           f"feed the smoothing search: SVDQuant always smooths; {sm}. "
+                           f"End metric: {s.get('end_metric') or 'output cosine'}."))
+        if s.get("model_training"):
+            mt = s["model_training"]
+            ev = mt.get("eval") or {}
+            intro.append(("p", f"The model was trained for {mt.get('steps_done')} steps (seed "
+                               f"{mt.get('seed')}); at the end of training, {ev.get('n')} EMA "
+                               f"samples gave class accuracy {_f(ev.get('class_accuracy'), '{:.3f}')} "
+                               f"and Frechet distance {_f(ev.get('fid'), '{:.2f}')}."))
     else:
         intro.append(("p", "Weights-only analysis: no activations, so no SQNR, activation error, "
                            "observed accumulator widths or end metrics."))
+    for note in s.get("notes") or []:
+        intro.append(("p", "Note: " + note))
     if run_info:
         intro.append(("p", f"This run: {run_info.get('wall_s', 0):.1f} s wall on "
                            f"{run_info.get('threads')} torch threads; layer optimizations "
@@ -334,28 +483,51 @@ def _sections(results: dict, images: dict[str, bytes], run_info: dict | None):
     hl = headline_table(results)
     if hl[1]:
         text = []
+        hms = present_metrics(cfgs)
         for h in results["headline"]:
+            parts = [f"{lab} {_f(h.get(k), f)} vs {_f(h.get('reference_' + k), f)}"
+                     for k, lab, f, _ in hms]
             text.append(f"{h['config']} vs {h['reference']} at memory ratio "
                         f"{_f(h['memory_ratio'], '{:.3f}')}: mean weight error "
                         f"{_f(h['weight_error_mean'])} vs {_f(h['reference_weight_error_mean'])} "
                         f"({_f(h['weight_error_reduction'], '{:.1%}')} lower)"
                         + ("" if weights_only else
-                           f", mean propagated SQNR {_f(h['propagated_sqnr_gain_db'], '{:+.2f}')} dB, "
-                           f"mean cosine {_f(h['mean_cosine'])} vs {_f(h['reference_mean_cosine'])}, "
-                           f"min cosine {_f(h['min_cosine'])} vs {_f(h['reference_min_cosine'])}") + ".")
+                           f", mean propagated SQNR {_f(h['propagated_sqnr_gain_db'], '{:+.2f}')} dB"
+                           + (", " + ", ".join(parts) if parts else "")) + ".")
+        refs = []
+        if results.get("reference"):
+            em = results["reference"]["end_metrics"]
+            refs.append("full precision: " + ", ".join(
+                f"{lab} {_f(em.get(k), f)}" for k, lab, f, _ in hms if em.get(k) is not None))
+        for name, c in cfgs.items():
+            if not (c.get("formats") or {}).get("branch_weight"):
+                refs.append(f"{name} (round to nearest, no branch): " + ", ".join(
+                    f"{lab} {_f(c['end_metrics'].get(k), f)}" for k, lab, f, _ in hms))
+        if refs and not weights_only:
+            text.append("References: " + "; ".join(refs) + ".")
         secs.append(("Headline: fully quantized branches vs the FP16 branch",
                      [("table", hl)] + [("p", t) for t in text]))
     secs.append(("Summary per configuration", [
         ("table", summary_table(results)),
         ("p", "overhead: weight storage (scales included) above the main-only layer with the same "
               "main format; energy: compute + memory of one pass, summed over layers.")]))
-    plots_ = [("img", n) for n in images]
+    if "samples.png" in images:
+        secs.append(("Generated digits", [("img", "samples.png")]))
+    tt = timestep_table(results)
+    if tt is not None:
+        secs.append(("Propagated SQNR per timestep (mean over layers, dB)", [
+            ("table", tt), ("p", "Each layer's SQNR is measured on the evaluation trajectory's "
+                                 "inputs at each timestep; the heatmap below shows every layer.")]))
+    plots_ = [("img", n) for n in images if n != "samples.png"]
     secs.append(("Plots", plots_))
     secs.append(("Accumulator widths (bits, sign included, in-block)", [
         ("table", acc_table(results)),
         ("p", "worst: A2Q from the formats alone; l1: A2Q's bound from the stored weight codes "
               "(any input); observed: the widest in-block sum on the evaluation inputs.")]))
     secs.append(("Per-layer errors", [("table", layer_table(results))]))
+    sk = skipped_table(results)
+    if sk is not None:
+        secs.append(("Modules left in full precision", [("table", sk)]))
     return secs
 
 

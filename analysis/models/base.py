@@ -185,7 +185,11 @@ def quantizable_layers(module: nn.Module) -> tuple[list[str], list[dict]]:
         elif "Norm" in t:
             reason = "normalization: kept in full precision"
         else:
-            reason = "parameters outside a linear layer: kept in full precision"
+            pn = [n for n, _ in m.named_parameters(recurse=False)]
+            what = ("adaLN scale/shift table (added to the modulation, no GEMM)"
+                    if pn == ["scale_shift_table"] else "parameters " + ", ".join(pn)
+                    + " outside a linear layer")
+            reason = what + ": kept in full precision"
         skipped.append({"name": name or "(root)", "type": t, "reason": reason,
                         "parameters": int(sum(p.numel() for p in own))})
     return names, skipped
