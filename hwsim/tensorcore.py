@@ -56,6 +56,11 @@ overflow to +-Inf when the rounded exponent exceeds the output's emax. ``S = 0``
 +0. The FP32 output of Hopper and Ada FP8 keeps 13 fraction bits (14 significant bits,
 DeepSeek-V3's "about 14 bits" on H800).
 
+Grouping. No interleaving or grouping parameter: the public model's notes describe the
+Hopper FP8 operation as two 16-product halves joined in an interleaved pattern, yet the
+measured H100 outputs (and its current parameters) are one 32-product operation as above;
+the measured sets here need nothing else.
+
 Long dot products, chunk by chunk (the recursive summation of the MATLAB model)::
 
     D_0 = c,   D_{j+1} = TC(a[jn:(j+1)n], b[jn:(j+1)n], D_j),   d = D_{ceil(K/n)}
@@ -64,12 +69,17 @@ Long dot products, chunk by chunk (the recursive summation of the MATLAB model):
 
 Specials. A row holding a NaN or Inf input (or addend) gives the IEEE float64 value of
 ``c + sum_k a_k * b_k`` (NaN for Inf * 0 and Inf - Inf, else +-Inf), as the MATLAB model's
-pre-check does; a running ``D_j`` that overflowed to +-Inf stays Inf (or turns NaN) the
-same way.
+pre-check does; a running ``D_j`` that overflowed to +-Inf stays +-Inf (Inf plus finite
+products), and FP32 promotion adds it as IEEE does.
 
-Paths. ``TensorCore.dot`` and ``hwsim.matmul(..., inter_block=tc)`` run a Numba kernel on
-integer significands (int64; the aligned sum stays below 2^53); the tests compare it bit
-for bit with a Python-integer reference and with the GPUs' measured outputs.
+Paths. ``TensorCore.dot`` and ``hwsim.matmul(..., inter_block=tc)`` run one Numba kernel
+(plain ``njit``, rows split over ``numba.get_num_threads()`` threads; the bits do not
+depend on the thread count). It decodes each element once into its exact float64 value
+and its clamped exponent (int32), takes the anchor as an integer max, and forms each
+truncated term as ``int64(a_k * b_k * 2^(F - X))`` (the product is exact in float64, the
+scaling by a power of two exact, the conversion truncates toward zero); the integer sum
+stays below 2^53, and the rounding works on integers. The tests compare it bit for bit
+with a Python ``Fraction`` reference and with the GPUs' measured outputs.
 """
 from __future__ import annotations
 
