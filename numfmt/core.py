@@ -126,8 +126,15 @@ def decode_table(elem) -> np.ndarray:
         return vals.astype(np.float64)
     if elem.bits > 16:
         raise ValueError(f"decode table for {elem.name!r} ({elem.bits} bits) is too large")
+    vals = _float_field_values(np.arange(1 << elem.bits, dtype=np.int64), elem)
+    vals.setflags(write=False)
+    return vals
+
+
+def _float_field_values(codes: np.ndarray, elem: FloatFormat) -> np.ndarray:
+    """float64 value of float element codes (int64) read from their sign, exponent and
+    mantissa fields (exact: at most 23 mantissa bits and 8 exponent bits)."""
     m, e = elem.mantissa_bits, elem.exponent_bits
-    codes = np.arange(1 << elem.bits, dtype=np.int64)
     mf = codes & ((1 << m) - 1)
     ef = (codes >> m) & ((1 << e) - 1)
     neg = (codes >> (m + e)) & 1 if elem.signed else np.zeros_like(codes)
@@ -142,9 +149,7 @@ def decode_table(elem) -> np.ndarray:
         mag = np.where((ef == top) & (mf != 0), np.nan, mag)
     elif elem.specials == "nan_only":
         mag = np.where((ef == top) & (mf == (1 << m) - 1), np.nan, mag)
-    vals = np.where(neg == 1, -mag, mag)
-    vals.setflags(write=False)
-    return vals
+    return np.where(neg == 1, -mag, mag)
 
 
 def _elem_table(fmt: BlockFormat) -> np.ndarray:
@@ -393,7 +398,13 @@ def decode(codes, elem_fmt) -> np.ndarray:
     if c.size and (c.min() < 0 or int(c.max()) >= 1 << fmt.bits):
         raise ValueError(f"codes must lie in 0..{(1 << fmt.bits) - 1} for {fmt.name!r}")
     if fmt.bits > 16:
-        return c.astype(np.uint32).view(np.float32).copy()
+        # Too wide for a table: FP32 is its own bit pattern; any other wide float
+        # (TF32's 19 bits: sign, 8 exponent, 10 mantissa) is read from its fields.
+        if (fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.specials, fmt.signed) == \
+                (8, 23, 127, "ieee", True):
+            return c.astype(np.uint32).view(np.float32).copy()
+        flat = np.ascontiguousarray(c).reshape(-1).astype(np.int64)
+        return _float_field_values(flat, fmt).astype(np.float32).reshape(c.shape)
     flat = np.ascontiguousarray(c).reshape(-1).astype(np.int64)
     out = np.empty(flat.size, dtype=np.float32)
     if flat.size:
