@@ -53,7 +53,7 @@ from torch import nn
 import numfmt
 from hwsim.cost import CONFIG_GRAMMAR, Config, layer_cost, parse_config
 from numfmt.fileio import write_json_atomic
-from analysis.layers import QuantLinear, sum_squares
+from analysis.layers import QuantLinear, fp32_matmul, sum_squares
 
 __all__ = [
     "DEFAULT_CONFIGS", "METHODS", "parse_configs", "method_for", "quantize_weight",
@@ -132,7 +132,8 @@ def _fmt_name(f) -> str:
 
 def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None, seed: int = 0,
                     steps: int | None = None, activations: np.ndarray | None = None,
-                    svdquant_grid=SVDQUANT_GRID, ref_rank: int = 32, smoothing: bool = True):
+                    svdquant_grid=SVDQUANT_GRID, ref_rank: int = 32, smoothing: bool = True,
+                    device=None):
     """Quantize one weight (out x in) for ``config`` with ``method`` (default ``method_for``).
 
     ``activations`` (tokens x in, float32) feed the smoothing search over
@@ -143,7 +144,9 @@ def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None,
     smoothing, then LoRaQ). FP16 branches use rank ``config.rank``, else
     ``ref_rank`` capped at min(out, in) - 1; quantized branches ``config.rank``
     or the equal-memory rank against an FP16 rank-``ref_rank`` branch. Returns
-    the ``analysis.loraq`` result.
+    the ``analysis.loraq`` result. ``device``: LoRaQ's optimization loop runs there
+    (``analysis.loraq.optimize(device=)``: the torch backend's quantizers); the
+    baselines run on the CPU.
     """
     from analysis import loraq
     from analysis.loraq.baselines import smoothing_search
@@ -167,6 +170,8 @@ def quantize_weight(W: np.ndarray, config: Config, *, method: str | None = None,
         kw = {} if steps is None else {"steps": steps, "schedule": "cosine"}
 
         def run(Ws):
+            if device is not None:
+                kw["device"] = device
             return loraq.optimize(Ws, main=main, branch=branch, rank=config.rank, seed=seed,
                                   ref_rank=ref_rank, **kw)
 
@@ -542,7 +547,7 @@ def _clean(x):
     return x
 
 
-def _fit_layer(W, cfg, method, seed, steps, acts, ref_rank, smoothing):
+def _fit_layer(W, cfg, method, seed, steps, acts, ref_rank, smoothing, device=None):
     """One layer's fit: a pure task (module level, so a Dask worker can import it).
 
     Runs on one torch thread: the optimizer's GEMMs are too small to gain from
@@ -552,14 +557,15 @@ def _fit_layer(W, cfg, method, seed, steps, acts, ref_rank, smoothing):
     torch.set_num_threads(1)
     try:
         return quantize_weight(W, cfg, method=method, seed=seed, steps=steps, activations=acts,
-                               ref_rank=ref_rank, smoothing=smoothing)
+                               ref_rank=ref_rank, smoothing=smoothing, device=device)
     finally:
         torch.set_num_threads(threads)
 
 
 def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, seed, steps,
                      activations, cache: LayerCache | None, progress: _Progress,
-                     ref_rank: int = 32, smoothing: bool = True, client=None) -> dict:
+                     ref_rank: int = 32, smoothing: bool = True, client=None,
+                     device=None) -> dict:
     """Quantize every weight for ``cfg``, loading finished layers from ``cache``.
 
     The layers left are fitted by ``analysis.cluster.map_layers``: in this
@@ -577,7 +583,8 @@ def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, se
             acts = None if activations is None else activations.get(name)
             wrap = cluster.scatter if client is not None else (lambda v: v)
             todo.append((name, (wrap(W), cfg, method, seed, steps,
-                                None if acts is None else wrap(acts), ref_rank, smoothing)))
+                                None if acts is None else wrap(acts), ref_rank, smoothing,
+                                device)))
         else:
             results[name] = res
             progress.step(1, f"{cfg.name} {name}")
@@ -623,7 +630,7 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
             tokens: int = DEFAULT_TOKENS, mode: str = "fast", methods: dict | None = None,
             cache_dir=None, cache_key: str = "", progress=None, layers: Sequence[str] | None = None,
             groups: Sequence | None = None, end_metric=None, smoothing: bool = True,
-            ref_rank: int = 32, client=None) -> dict:
+            ref_rank: int = 32, client=None, device=None) -> dict:
     """Analyze the quantizable layers of ``model`` under each configuration.
 
     ``layers``: names of ``nn.Linear`` / 1 x 1 ``nn.Conv2d`` modules (default:
@@ -641,6 +648,9 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
     agreement). ``methods`` maps a configuration name to a method in ``METHODS``.
     ``client``: a Dask client (``analysis.cluster.connect``) for the per-layer
     fits, or None to run them here; the results are the same bits either way.
+    ``device`` (e.g. "cuda"): the model, its inputs, the simulated layers (the
+    torch backend's quantizers, TF32 off) and LoRaQ's loop run there; None keeps
+    today's CPU path (Numba quantizers).
     Returns ``{"configs": {name: {...}}, "layer_names": [...]}`` (see
     ``analysis.report`` for the fields). The model is left unchanged.
     """
@@ -652,13 +662,20 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
         raise ValueError("the model has no nn.Linear or 1x1 nn.Conv2d layers to analyze")
     calibration = _check_batches(calibration, "calibration")
     evaluation = _check_batches(evaluation, "evaluation") if evaluation is not None else calibration
+    if device is not None:
+        import numfmt.torch as nft_
+
+        device = nft_.check_device(device)
+        model.to(device)
+        calibration = [_to_device(b, device) for b in calibration]
+        evaluation = [_to_device(b, device) for b in evaluation]
     if groups is not None and len(groups) != len(evaluation):
         raise ValueError(f"groups has {len(groups)} labels for {len(evaluation)} evaluation batches")
     end_metric = end_metric or OutputCosine()
     prog = _Progress(progress)
     cache = LayerCache(cache_dir, cache_key) if cache_dir is not None else None
     mods = {n: model.get_submodule(n) for n in names}
-    weights = {n: layer_weight(mods[n]).to(torch.float32).numpy().copy() for n in names}
+    weights = {n: layer_weight(mods[n]).to(torch.float32).cpu().numpy().copy() for n in names}
     _check_ranks(cfgs, {n: w.shape for n, w in weights.items()})
     biases = {n: (None if mods[n].bias is None else mods[n].bias.detach().to(torch.float32).clone())
               for n in names}
@@ -672,7 +689,7 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
     if need_acts:
         cal_in, _, _ = _run_checked(model, calibration, names, "calibration", inputs=True,
                                     outputs=False)
-        acts = {n: cal_in[n].numpy() for n in names}
+        acts = {n: cal_in[n].cpu().numpy() for n in names}
         del cal_in
     else:
         _run_checked(model, calibration[:1], [], "calibration", inputs=False, outputs=False)
@@ -697,8 +714,9 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
         results = _optimize_layers(weights, cfg, methods=methods, seed=seed, steps=steps,
                                    activations=acts if smoothed(cfg, smoothing) else None,
                                    cache=cache, progress=prog, ref_rank=ref_rank,
-                                   smoothing=smoothing, client=client)
-        qmods = {n: _quant_module(mods[n], results[n], cfg, biases[n], mode, n) for n in names}
+                                   smoothing=smoothing, client=client, device=device)
+        qmods = {n: _quant_module(mods[n], results[n], cfg, biases[n], mode, n, device)
+                 for n in names}
         recs = []
         for n in names:
             q = qmods[n]
@@ -719,8 +737,10 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
                                       measured, q.stats.acc_bits_observed))
         originals = _swap(model, qmods)
         try:
-            _, q_out_b, q_final_b = _run(model, evaluation, names, inputs=False, per_batch=True)
-            end = end_metric.measure(model, q_final_b, ref)
+            with fp32_matmul(device or "cpu"):
+                _, q_out_b, q_final_b = _run(model, evaluation, names, inputs=False,
+                                             per_batch=True)
+                end = end_metric.measure(model, q_final_b, ref)
         finally:
             _swap(model, originals)
         for rec in recs:
@@ -739,11 +759,24 @@ def analyze(model: nn.Module, configs=DEFAULT_CONFIGS, calibration=None, evaluat
     return out
 
 
-def _quant_module(mod: nn.Module, result, cfg: Config, bias, mode: str, name: str) -> nn.Module:
-    """The simulated quantized replacement of a linear or 1 x 1 conv layer."""
-    if isinstance(mod, nn.Conv2d):
-        return QuantConv1x1.from_result(result, cfg, bias=bias, mode=mode, name=name)
-    return QuantLinear.from_result(result, cfg, bias=bias, mode=mode, name=name)
+def _quant_module(mod: nn.Module, result, cfg: Config, bias, mode: str, name: str,
+                  device=None) -> nn.Module:
+    """The simulated quantized replacement of a linear or 1 x 1 conv layer (on ``device``:
+    the torch backend's quantizers; None: the CPU path)."""
+    kw = {} if device is None else {"device": device, "backend": "torch"}
+    cls = QuantConv1x1 if isinstance(mod, nn.Conv2d) else QuantLinear
+    return cls.from_result(result, cfg, bias=bias, mode=mode, name=name, **kw)
+
+
+def _to_device(batch, device):
+    """A batch (tensor, tuple or dict) with its tensors moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
 def _swap(model: nn.Module, new: dict) -> dict:

@@ -311,3 +311,21 @@ def test_report_on_two_dask_workers_is_bit_identical(tmp_path, capsys):
     assert (serial / "results.json").read_bytes() == (dask / "results.json").read_bytes()
     rc, _ = _run(tmp_path, d, "--workers", "0", name="zero")
     assert rc == 2 and "workers=0 is not allowed" in capsys.readouterr().err
+
+
+def test_report_device_cpu_through_torch_backend_is_identical(tmp_path, capsys):
+    """--device cpu runs the simulated layers on the torch backend and LoRaQ's loop on the
+    device: the same results.json as the default (Numba) path; an absent device is refused."""
+    d = _pixart_dir(tmp_path)
+    rc, default = _run(tmp_path, d, name="default")
+    assert rc == 0, capsys.readouterr().err
+    rc, dev = _run(tmp_path, d, "--device", "cpu", name="dev")
+    assert rc == 0, capsys.readouterr().err
+    a = json.loads((default / "results.json").read_text())
+    b = json.loads((dev / "results.json").read_text())
+    assert b["settings"].pop("device") == "cpu" and a["settings"].pop("device") is None
+    assert a == b
+    if not torch.cuda.is_available():
+        rc, _ = _run(tmp_path, d, "--device", "cuda", name="cuda")
+        err = capsys.readouterr().err
+        assert rc == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1

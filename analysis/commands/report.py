@@ -91,6 +91,10 @@ def register(subparsers) -> None:
                    help="tokens per layer for the cost model (default: %(default)s)")
     p.add_argument("--mode", choices=("fast", "exact"), default="fast",
                    help="simulated GEMMs: fake-quantized float (fast) or hwsim.matmul (exact)")
+    p.add_argument("--device", default=None,
+                   help="torch device for the model, its simulated layers and LoRaQ's loop "
+                   "(cpu, cuda, cuda:1); the quantizers then run as plain torch ops, bit-identical "
+                   "to the Numba kernels (default: the CPU path with Numba)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from analysis import cluster
     cluster.add_cluster_arguments(p)
@@ -244,6 +248,9 @@ def run(args) -> int:
     if args.configs:  # checked before any model is loaded
         analyzer.parse_configs(args.configs, main=args.main, branch=args.branch)
     _check_writable(Path(args.out))
+    if args.device is not None:
+        import numfmt.torch as nft
+        nft.check_device(args.device)  # one line and exit 2 when, e.g., CUDA is absent
     from analysis import cluster
     where = cluster.client_from_args(args)  # options checked now; connects on entry
     sentences = None
@@ -265,7 +272,7 @@ def run(args) -> int:
         "max_sentences": args.max_sentences, "tokens": args.tokens, "mode": args.mode,
         "svdquant_grid": [list(g) for g in analyzer.SVDQUANT_GRID],
         "smoothing": not args.no_smoothing, "ref_rank": ref_rank,
-        "inputs": _hash_file(args.inputs), "timesteps": args.timesteps,
+        "inputs": _hash_file(args.inputs), "timesteps": args.timesteps, "device": args.device,
         "sentences": None if sentences is None else hashlib.sha256(
             json.dumps(sentences).encode()).hexdigest(),
     }
@@ -287,7 +294,8 @@ def run(args) -> int:
                 res = analyzer.analyze(src.module, cfgs, src.calibration, src.evaluation,
                                        mode=args.mode, progress=bar, layers=src.layers,
                                        groups=src.groups, end_metric=src.end_metric,
-                                       smoothing=not args.no_smoothing, client=client, **kw)
+                                       smoothing=not args.no_smoothing, client=client,
+                                       device=args.device, **kw)
             else:
                 res = analyzer.analyze_weights(src.weights, cfgs, progress=bar, client=client,
                                                **kw)

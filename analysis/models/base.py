@@ -50,7 +50,7 @@ class EndMetric:
 
 
 def _rows(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).reshape(t.shape[0], -1).numpy()
+    return t.detach().cpu().to(torch.float64).reshape(t.shape[0], -1).numpy()
 
 
 class OutputCosine(EndMetric):
@@ -76,8 +76,8 @@ class OutputCosine(EndMetric):
             return np.concatenate([_rows(o) for o in outs])
         rows = []
         for i, o in enumerate(outs):
-            o = o.detach().to(torch.float64)
-            m = None if self.masks is None else self.masks[i]
+            o = o.detach().cpu().to(torch.float64)
+            m = None if self.masks is None else self.masks[i].cpu()
             rows.append((o[m.bool()] if m is not None else o.reshape(-1, o.shape[-1])).numpy())
         return np.concatenate(rows)
 
@@ -132,11 +132,11 @@ class NextTokenKL(EndMetric):
     def measure(self, module, q_outputs, ref) -> dict:
         kls, agree = [], []
         for i, (r, q) in enumerate(zip(ref, q_outputs)):
-            lp = torch.log_softmax(r.detach().to(torch.float64), dim=-1)
-            lq = torch.log_softmax(q.detach().to(torch.float64), dim=-1)
+            lp = torch.log_softmax(r.detach().cpu().to(torch.float64), dim=-1)
+            lq = torch.log_softmax(q.detach().cpu().to(torch.float64), dim=-1)
             kl = (lp.exp() * (lp - lq)).sum(-1)
             ag = (lp.argmax(-1) == lq.argmax(-1)).to(torch.float64)
-            m = None if self.masks is None else self.masks[i].bool()
+            m = None if self.masks is None else self.masks[i].cpu().bool()
             kls.append((kl[m] if m is not None else kl.reshape(-1)).numpy())
             agree.append((ag[m] if m is not None else ag.reshape(-1)).numpy())
         k = np.concatenate(kls)

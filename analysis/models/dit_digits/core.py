@@ -185,23 +185,24 @@ def sample(denoiser: Denoiser, n: int, *, seed: int = 0, steps: int = DEFAULT_SA
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     noise = initial_noise(n, seed)
     out = torch.empty_like(noise)
+    dev = next(iter(denoiser.parameters())).device  # the noise is drawn on the CPU, always
     with torch.inference_mode():
         for start in range(0, n, batch):
             sl = slice(start, min(n, start + batch))
-            x = noise[sl].clone()
-            lab = labels[sl]
+            x = noise[sl].clone().to(dev)
+            lab = labels[sl].to(dev)
             m = x.shape[0]
-            null = torch.full((m,), NULL_CLASS, dtype=torch.int64)
+            null = torch.full((m,), NULL_CLASS, dtype=torch.int64, device=dev)
             sched = make_scheduler(steps)
             for k, t in enumerate(sched.timesteps):
                 if on_step is not None:
                     on_step(k, int(t))
-                tt = torch.full((2 * m,), int(t), dtype=torch.int64)
+                tt = torch.full((2 * m,), int(t), dtype=torch.int64, device=dev)
                 eps = denoiser(torch.cat([x, x]), tt, torch.cat([lab, null]))
                 e_c, e_u = eps[:m], eps[m:]
                 e = e_u + guidance * (e_c - e_u)
                 x = sched.step(e, t, x, return_dict=False)[0]
-            out[sl] = x
+            out[sl] = x.cpu()
     return out.clamp(-1.0, 1.0), labels
 
 

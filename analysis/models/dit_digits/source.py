@@ -27,8 +27,8 @@ __all__ = ["dit_digits_source", "GenerationMetrics", "DEFAULT_SAMPLES", "REF_RAN
 
 DEFAULT_SAMPLES = 256
 MAX_SEEDS = 4096          # sample i uses seed ``seed + i``; the metric seeds stay below
-CAL_SAMPLES, CAL_SEED = 16, 1_000_000
-EVAL_SAMPLES, EVAL_SEED = 16, 2_000_000
+CAL_SAMPLES, CAL_SEED = 8, 1_000_000
+EVAL_SAMPLES, EVAL_SEED = 8, 2_000_000
 GRID_SAMPLES = 20         # two per class in the picture grid
 # PixArt-Sigma's branch rank to width, 32 of 1152 = 1/36, gives 7.1 at width 256: rank 8.
 REF_RANK = 8
