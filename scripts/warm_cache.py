@@ -1,7 +1,8 @@
 """Compile Numba's on-disk cache (cache=True) for the kernels the tools and the tests use.
 
     python scripts/warm_cache.py a      # numfmt's MX kernels, then hwsim's
-    python scripts/warm_cache.py b      # numfmt's other kernels (SINT, NVFP4, elements)
+    python scripts/warm_cache.py b      # numfmt's other kernels (SINT, NVFP4, elements),
+                                        # then hwsim.tensorcore's
 
 ``scripts/setup`` runs the two groups in two processes at once (about 140 s each cold on
 the 2-core project machine, instead of paying the compiles one after another inside the
@@ -76,7 +77,24 @@ def _other_numfmt_kernels() -> None:
             numfmt.decode(numfmt.encode(x, elem), elem)
 
 
-GROUPS = {"a": (_mx_kernels, _hwsim_kernels), "b": (_other_numfmt_kernels,)}
+def _tensorcore_kernels() -> None:
+    """hwsim.tensorcore: the operand decoder and the dot / GEMM row kernels (one
+    signature each: float32 values in, whatever the unit), through the public calls; the
+    E4M3 codes are decoded by numfmt's table kernel, which group b compiles anyway."""
+    import hwsim
+    import numfmt
+    rng = np.random.default_rng(2)
+    tc = hwsim.tensor_core("H100", "fp8_e4m3")
+    codes = rng.integers(0, 0x7F, (4, 64)).astype(np.uint8)   # finite E4M3 (no NaN)
+    vals = numfmt.decode(codes, "fp8_e4m3")
+    tc.dot(vals, vals[::-1].copy())
+    q = numfmt.QTensor(codes, None, numfmt.get("fp8_e4m3"), 1, (4, 64))
+    hwsim.matmul(q, q, inter_block=tc)
+
+
+# hwsim.tensorcore goes with b: a (MX and hwsim.gemm kernels) is the longer group.
+GROUPS = {"a": (_mx_kernels, _hwsim_kernels),
+          "b": (_other_numfmt_kernels, _tensorcore_kernels)}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(GROUPS)
