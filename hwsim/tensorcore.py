@@ -909,12 +909,7 @@ def matmul_tensorcore(a, b, tc: TensorCore, promote_every: int | None = None) ->
 
 
 def _decode_codes(codes: np.ndarray, elem: FloatFormat) -> np.ndarray:
-    """float32 values of element codes; a > 16-bit FP32-layout float (TF32: sign, 8
-    exponent bits, 10 mantissa bits) is its code shifted up onto FP32's bit pattern
-    (numfmt.decode reads > 16-bit codes as FP32 bit patterns)."""
-    if elem.bits > 16:
-        shift = 23 - elem.mantissa_bits
-        return (np.asarray(codes).astype(np.uint32) << np.uint32(shift)).view(np.float32)
+    """float32 values of element codes (numfmt.decode; TF32's 19-bit codes included)."""
     return numfmt.decode(codes, elem)
 
 

@@ -434,3 +434,28 @@ def test_bad_input_is_a_clear_value_error():
         tc.dot(np.ones((2, 8)), np.ones((2, 8)), promote_every=20)
     with pytest.raises(ValueError, match="not representable in fp8_e4m3"):
         tc.dot(np.full((1, 2), np.inf), np.ones((1, 2)))  # E4M3 has no Inf
+
+
+def test_tf32_operands_through_numfmt_decode():
+    """TF32's 19-bit codes go through numfmt.decode (which once read them as FP32 bit
+    patterns, 0.126 -> 1.8e-40): round_to_input equals float32 rounded to 10 fraction
+    bits by integer arithmetic, and a tf32 QTensor GEMM equals dot and the reference."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((4, 24)) * np.exp2(rng.integers(-20, 20, (4, 24)))).astype(np.float32)
+    u = x.view(np.uint32).astype(np.int64)
+    q, rem = u >> 13, u & 0x1FFF
+    q += (rem > 0x1000) | ((rem == 0x1000) & (q & 1 == 1))
+    want = (q << 13).astype(np.uint32).view(np.float32)
+    got = hwsim.tensorcore.round_to_input(x, "tf32")
+    assert np.array_equal(bits(got), bits(want))
+    tc = tensor_core("A100", "tf32")
+    qa = numfmt.quantize(x, "tf32", axis=1)
+    qb = numfmt.quantize(x[::-1].copy(), "tf32", axis=1)
+    r = hwsim.matmul(qa, qb, inter_block=tc)
+    da, db = numfmt.dequantize(qa), numfmt.dequantize(qb)
+    assert np.array_equal(bits(da), bits(want)) and np.abs(da).min() > 0
+    for m in range(4):
+        for n in range(4):
+            assert bits(r.out[m, n]) == bits(tc.dot(da[m:m + 1], db[n:n + 1])[0])
+            assert bits(r.out[m, n]) == bits(np.float32(ref_dot(tc, da[m].astype(np.float64),
+                                                                 db[n].astype(np.float64), 0.0)))
