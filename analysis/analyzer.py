@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -588,13 +589,46 @@ def _optimize_layers(weights: dict[str, np.ndarray], cfg: Config, *, methods, se
         else:
             results[name] = res
             progress.step(1, f"{cfg.name} {name}")
-    for name, res in cluster.map_layers(_fit_layer, todo, client=client,
-                                        priority={n: weights[n].size for n, _ in todo}):
+    if client is None and FIT_THREADS > 1 and len(todo) > 1:
+        done = _fit_in_threads(todo)
+    else:
+        done = cluster.map_layers(_fit_layer, todo, client=client,
+                                  priority={n: weights[n].size for n, _ in todo})
+    for name, res in done:
         if cache is not None:
             cache.save(cfg.name, name, res)
         results[name] = res
         progress.step(1, f"{cfg.name} {name}")
     return {n: results[n] for n in weights}
+
+
+# In-process layer fits run on this many threads (the Numba kernels release the GIL and
+# torch runs on one thread inside each fit), largest layers first; the bits do not depend
+# on it (a test compares 1 and 2 threads).
+FIT_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
+def _fit_in_threads(todo):
+    """Yield (name, result) of ``_fit_layer`` over ``todo`` from a thread pool, as completed."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    order = sorted(todo, key=lambda item: -item[1][0].size)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # set once here: the fits never race on the global setting
+    try:
+        with ThreadPoolExecutor(FIT_THREADS) as ex:
+            futs = {ex.submit(_fit_layer, *args): name for name, args in order}
+            pending = set(futs)
+            try:
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        yield futs[f], f.result()
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _check_ranks(cfgs, shapes: dict) -> None:

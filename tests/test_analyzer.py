@@ -208,3 +208,23 @@ def test_exact_mode_matches_fast_mode():
         assert abs(la["propagated_sqnr_db"] - lb["propagated_sqnr_db"]) < 1e-3
         for k in ("acc_bits_observed", "branch_acc_bits_observed"):
             assert la[k] == lb[k]
+
+
+def test_layer_fits_on_threads_equal_serial(monkeypatch):
+    """The in-process thread pool for the per-layer fits gives the same bits as one thread."""
+    from analysis import analyzer as az
+
+    g = torch.Generator().manual_seed(3)
+    weights = {f"l{i}": (torch.randn(48 + 16 * i, 64, generator=g) / 8).numpy() for i in range(4)}
+    cfg = az.parse_configs("W4A4+W8A8")[0]
+
+    def run(threads):
+        monkeypatch.setattr(az, "FIT_THREADS", threads)
+        return az._optimize_layers(weights, cfg, methods=None, seed=0, steps=5, activations=None,
+                                   cache=None, progress=az._Progress(None))
+
+    one, two = run(1), run(2)
+    assert list(one) == list(two) == list(weights)
+    for n in weights:
+        assert np.array_equal(one[n].w_hat, two[n].w_hat)
+        assert np.array_equal(one[n].main.codes, two[n].main.codes)

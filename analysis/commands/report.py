@@ -82,6 +82,9 @@ def register(subparsers) -> None:
                    help="dit-digits: generated digits per configuration (default 256, at most 4096)")
     p.add_argument("--sample-steps", type=int, default=None,
                    help="dit-digits: DPM-Solver++ steps per sample (default 10)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="dit-digits: classifier-free guidance scale (default 1: the conditional "
+                   "prediction, one pass per step; see the README on why)")
     p.add_argument("--sentences", default=None, metavar="JSON",
                    help="text models: a JSON file {\"calibration\": [...], \"evaluation\": [...]} "
                    "of sentences (default: the shipped splits)")
@@ -260,7 +263,7 @@ def run(args) -> int:
         sentences = load_sentences(args.sentences)
     src = resolve(args.model, inputs=args.inputs, samples=args.samples,
                   sample_steps=args.sample_steps, max_sentences=args.max_sentences,
-                  sentences=sentences, timesteps=args.timesteps)
+                  sentences=sentences, timesteps=args.timesteps, guidance=args.guidance)
     configs = args.configs or ",".join(src.default_configs or analyzer.DEFAULT_CONFIGS)
     cfgs = analyzer.parse_configs(configs, main=args.main, branch=args.branch)
     cfg_names = [c.name for c in cfgs]

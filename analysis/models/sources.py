@@ -66,7 +66,8 @@ def dir_fingerprint(directory: Path) -> str:
 
 def resolve(spec: str, *, inputs: str | None = None, samples: int | None = None,
             sample_steps: int | None = None, max_sentences: int | None = None,
-            sentences=None, timesteps: int | None = None, seed: int = 0) -> ModelSource:
+            sentences=None, timesteps: int | None = None, seed: int = 0,
+            guidance: float | None = None) -> ModelSource:
     """The ``ModelSource`` for ``--model spec`` (see the module docstring).
 
     Raises FileNotFoundError / ValueError (one line each) for a missing path, a
@@ -78,9 +79,11 @@ def resolve(spec: str, *, inputs: str | None = None, samples: int | None = None,
         raise ValueError(f"--inputs applies to a diffusers directory, not to the built-in {spec!r}")
     if spec == "dit-digits":
         from analysis.models.dit_digits.source import dit_digits_source
-        return dit_digits_source(samples=samples, sample_steps=sample_steps, seed=seed)
-    if samples is not None:
-        raise ValueError("--samples applies to the built-in dit-digits model only")
+        return dit_digits_source(samples=samples, sample_steps=sample_steps, seed=seed,
+                                 guidance=guidance)
+    if samples is not None or guidance is not None or sample_steps is not None:
+        raise ValueError("--samples, --sample-steps and --guidance apply to the built-in "
+                         "dit-digits model only")
     if spec == "minilm":
         from analysis.models.minilm_source import minilm_source
         return minilm_source(max_sentences=max_sentences, sentences=sentences)

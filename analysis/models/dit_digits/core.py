@@ -15,12 +15,18 @@ Conditioning: each class c in 0..9 has a learned condition sequence
 ``conditions[c]`` of ``COND_TOKENS`` x ``COND_CHANNELS`` (standing in for T5
 caption embeddings); row 10 is the null condition used for classifier-free
 guidance (the training drops the class to the null row with probability
-``P_UNCOND``).
+``P_UNCOND``). The default guidance is g = 1 (the conditional prediction, one
+denoiser pass per step): measured on 256 samples, g = 1 / 1.5 / 2 / 3 give the
+full-precision model Frechet distances 15.6 / 32.6 / 60.9 / 111.8 (class accuracy
+0.969 / 0.996 / 1.000 / 1.000): guidance trades diversity for class fidelity, and at
+g = 2 a W4A4 model, whose quantization noise weakens the guidance, scored a lower
+distance (44.1) than the full-precision one, so the metric no longer ranked
+quantization error. ``--guidance`` sets another scale.
 
 Diffusion: DDPM forward process with PixArt's 1000-step linear beta schedule
 (beta from 1e-4 to 0.02), epsilon prediction. Sampling uses a diffusers
 ``DPMSolverMultistepScheduler`` (DPM-Solver++, order 2, PixArt's sampler) with
-classifier-free guidance::
+classifier-free guidance (g != 1)::
 
     eps = eps(x_t, t, null) + g * (eps(x_t, t, c) - eps(x_t, t, null))
 
@@ -52,7 +58,7 @@ __all__ = [
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REBUILD_HINT = ("rebuild it with `python -m analysis.models.dit_digits train` "
-                "(about 40 min on 2 cores), or restore the file from git")
+                "(about 45 min on one core), or restore the file from git")
 NUM_CLASSES = 10
 NULL_CLASS = 10
 COND_TOKENS = 4
@@ -60,7 +66,7 @@ COND_CHANNELS = 64
 IMAGE_SIZE = 8
 HOLDOUT_EVERY = 5
 P_UNCOND = 0.1
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 1.0
 DEFAULT_SAMPLE_STEPS = 10
 
 # The transformer: hidden 256 = 4 heads x 64, 6 blocks, 2 x 2 patches (16 tokens).
@@ -197,10 +203,14 @@ def sample(denoiser: Denoiser, n: int, *, seed: int = 0, steps: int = DEFAULT_SA
             for k, t in enumerate(sched.timesteps):
                 if on_step is not None:
                     on_step(k, int(t))
-                tt = torch.full((2 * m,), int(t), dtype=torch.int64, device=dev)
-                eps = denoiser(torch.cat([x, x]), tt, torch.cat([lab, null]))
-                e_c, e_u = eps[:m], eps[m:]
-                e = e_u + guidance * (e_c - e_u)
+                if guidance == 1.0:  # the guided prediction is the conditional one
+                    tt = torch.full((m,), int(t), dtype=torch.int64, device=dev)
+                    e = denoiser(x, tt, lab)
+                else:
+                    tt = torch.full((2 * m,), int(t), dtype=torch.int64, device=dev)
+                    eps = denoiser(torch.cat([x, x]), tt, torch.cat([lab, null]))
+                    e_c, e_u = eps[:m], eps[m:]
+                    e = e_u + guidance * (e_c - e_u)
                 x = sched.step(e, t, x, return_dict=False)[0]
             out[sl] = x.cpu()
     return out.clamp(-1.0, 1.0), labels

@@ -2,7 +2,7 @@
 
 * calibration: the denoiser's inputs along the full-precision sampling
   trajectory of ``CAL_SAMPLES`` digits (noise seeds ``CAL_SEED + i``), one batch
-  per sampler step (classifier-free guidance doubles each batch);
+  per sampler step (a guidance scale other than 1 doubles each batch);
 * evaluation: the same for ``EVAL_SAMPLES`` other digits (``EVAL_SEED + i``),
   grouped by timestep, so every per-layer error is also given per timestep;
 * end metric (``GenerationMetrics``): ``samples`` digits (seeds ``seed + i``,
@@ -108,7 +108,7 @@ def _grid(img: torch.Tensor) -> list:
 
 
 def dit_digits_source(samples: int | None = None, sample_steps: int | None = None,
-                      seed: int = 0, weights_dir=None) -> ModelSource:
+                      seed: int = 0, weights_dir=None, guidance: float | None = None) -> ModelSource:
     """The built-in model with trajectory inputs and ``GenerationMetrics``."""
     n = DEFAULT_SAMPLES if samples is None else samples
     if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= MAX_SEEDS:
@@ -120,8 +120,11 @@ def dit_digits_source(samples: int | None = None, sample_steps: int | None = Non
     if not isinstance(seed, int) or seed < 0 or seed + n > CAL_SEED:
         raise ValueError(f"seed={seed!r}: sample seeds seed..seed+{n - 1} must lie in "
                          f"0..{CAL_SEED - 1}")
+    g = core.DEFAULT_GUIDANCE if guidance is None else guidance
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 20.0:
+        raise ValueError(f"--guidance={g!r} must be a number in 0..20 (1: no guidance)")
+    g = float(g)
     den, clf, info = core.load(weights_dir)
-    g = core.DEFAULT_GUIDANCE
     cal, _ = trajectory_batches(den, CAL_SAMPLES, CAL_SEED, steps, g)
     ev, groups = trajectory_batches(den, EVAL_SAMPLES, EVAL_SEED, steps, g)
     names, skipped = quantizable_layers(den)
@@ -137,7 +140,7 @@ def dit_digits_source(samples: int | None = None, sample_steps: int | None = Non
         kind="dit-digits", fingerprint=h.hexdigest(), module=den, layers=names, skipped=skipped,
         calibration=cal, evaluation=ev, groups=groups, end_metric=metric,
         calibration_desc=(f"the sampling trajectories of {CAL_SAMPLES} digits ({steps} steps, "
-                          "guidance batches included)"),
+                          f"guidance {g})"),
         evaluation_desc=(f"the sampling trajectories of {EVAL_SAMPLES} other digits at "
                          f"{len(set(groups))} timesteps"),
         ref_rank=REF_RANK, default_configs=DEFAULT_CONFIGS,
