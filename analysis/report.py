@@ -467,7 +467,8 @@ def _sections(results: dict, images: dict[str, bytes], run_info: dict | None):
             ev = mt.get("eval") or {}
             intro.append(("p", f"The model was trained for {mt.get('steps_done')} steps (seed "
                                f"{mt.get('seed')}); at the end of training, {ev.get('n')} EMA "
-                               f"samples gave class accuracy {_f(ev.get('class_accuracy'), '{:.3f}')} "
+                               f"samples ({ev.get('steps')} steps, guidance {ev.get('guidance')}) "
+                               f"gave class accuracy {_f(ev.get('class_accuracy'), '{:.3f}')} "
                                f"and Frechet distance {_f(ev.get('fid'), '{:.2f}')}."))
     else:
         intro.append(("p", "Weights-only analysis: no activations, so no SQNR, activation error, "
