@@ -57,7 +57,7 @@ def test_psnr_and_feature_distance_properties():
     assert metrics.psnr_db(x, y) == pytest.approx(10 * math.log10(4 / 1e-4), rel=1e-6)
     f = torch.randn(5, 64)
     assert metrics.feature_distance(f, f) == 0.0
-    assert metrics.feature_distance(f, 3 * f) == pytest.approx(0.0, abs=1e-12)  # scale-free
+    assert metrics.feature_distance(f, 3 * f) == pytest.approx(0.0, abs=1e-6)  # scale-free
     assert metrics.feature_distance(f, -f) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.psnr_db(x, x[:2])

@@ -107,14 +107,6 @@ def register(subparsers) -> None:
 # --------------------------------------------------------------------------- inputs
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_sentences(path) -> tuple[list[str], list[str]]:
     """(calibration, evaluation) sentences from a JSON file; ValueError when malformed."""
     p = Path(path)
@@ -234,7 +226,9 @@ def _check_writable(out: Path) -> None:
 
 
 def _hash_file(path) -> str | None:
-    return None if path is None else _file_hash(Path(path))
+    from analysis.models.base import file_sha256
+
+    return None if path is None else file_sha256(path)
 
 
 def run(args) -> int:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "EndMetric", "OutputCosine", "OutputSQNR", "NextTokenKL",
+__all__ = ["file_sha256", "ModelSource", "EndMetric", "OutputCosine", "OutputSQNR", "NextTokenKL",
            "quantizable_layers", "is_pointwise_conv", "layer_weight"]
 
 
@@ -142,6 +142,17 @@ class NextTokenKL(EndMetric):
         k = np.concatenate(kls)
         return {"kl_mean": float(k.mean()), "kl_max": float(k.max()),
                 "top1_agreement": float(np.concatenate(agree).mean()), "n": int(k.size)}
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, hex (read in 4 MiB chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_pointwise_conv(m: nn.Module) -> bool:

@@ -1,20 +1,9 @@
 """The built-in all-MiniLM-L6-v2 as a model source (sentence embeddings, output cosine)."""
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
-from analysis.models.base import ModelSource, OutputCosine, quantizable_layers
+from analysis.models.base import ModelSource, OutputCosine, file_sha256, quantizable_layers
 
 __all__ = ["minilm_source"]
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def minilm_source(max_sentences: int | None = None, sentences=None, path=None) -> ModelSource:
@@ -39,7 +28,7 @@ def minilm_source(max_sentences: int | None = None, sentences=None, path=None) -
         ev = [minilm.tokenize(e[i:i + 16], tok=tok) for i in range(0, len(e), 16)]
         n_cal, n_ev = len(c), len(e)
     names, skipped = quantizable_layers(model)
-    fp = _file_hash(minilm.model_dir() / minilm.WEIGHTS_FILE) if path is None else ""
+    fp = file_sha256(minilm.model_dir() / minilm.WEIGHTS_FILE) if path is None else ""
     return ModelSource(name="all-MiniLM-L6-v2 (built-in)", kind="minilm", fingerprint=fp,
                        module=model, layers=names, skipped=skipped, calibration=cal,
                        evaluation=ev, end_metric=OutputCosine(),
