@@ -43,7 +43,6 @@ Use::
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import struct
 from collections.abc import Mapping, Sequence

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
 
 from analysis.models import metrics
