@@ -683,11 +683,18 @@ def _anchor_denorm(ea, eb, k0, k1):
 
 
 @njit(inline="always", **_JIT)
-def _sum_truncated(va, vb, k0, k1, scale):
-    """_aligned_sum without a sticky bit."""
+def _sum_truncated(va, vb, k0, k1, scale, narrow):
+    """_aligned_sum without a sticky bit. Each truncated term is below 2^(F + 2) in magnitude
+    (two significands below 2, the anchor at the largest exponent); with ``narrow`` (F <= 29,
+    every preset: F <= 25) it fits an int32, and the conversion to int32, which vectorizes on
+    AVX2 where the one to int64 does not, then sums in int64 (1.6-1.8x faster here)."""
     S = np.int64(0)
-    for k in range(k0, k1):
-        S += np.int64(va[k] * vb[k] * scale)
+    if narrow:
+        for k in range(k0, k1):
+            S += np.int64(np.int32(va[k] * vb[k] * scale))
+    else:
+        for k in range(k0, k1):
+            S += np.int64(va[k] * vb[k] * scale)
     return S
 
 
@@ -743,6 +750,7 @@ def _chain_measured(va, ea, vb, eb, c, F, m_out, emin, emax, rne, min_anchor, ou
     reg = np.float32(c)
     neg, q, qe = _from_float(c) if promote == 0 else (False, np.int64(0), np.int64(0))
     inf = False
+    narrow = F <= 29
     for k0 in range(0, K, fma):
         k1 = min(k0 + fma, K)
         if not inf:
@@ -750,7 +758,7 @@ def _chain_measured(va, ea, vb, eb, c, F, m_out, emin, emax, rne, min_anchor, ou
             if X < -(1 << 23):
                 neg = False
             else:
-                S = _sum_truncated(va, vb, k0, k1, _unit(X, F))
+                S = _sum_truncated(va, vb, k0, k1, _unit(X, F), narrow)
                 neg, q, qe, inf = _finish(S, X, neg, q, qe, F, m_out, emin, emax, rne, False,
                                           out_sub)
         if promote != 0 and (k1 % promote == 0 or k1 == K):

@@ -229,7 +229,7 @@ def units(draw):
     inp = draw(st.sampled_from(INPUTS))
     out = draw(st.sampled_from(("fp32", "fp16")))
     fma = draw(st.integers(1, 40))
-    extra = draw(st.integers(-12, 4))
+    extra = draw(st.integers(-12, 12))  # F = 23 + extra: both sides of the int32 path (F <= 29)
     full = 23 if out == "fp32" else 10
     rm = draw(st.one_of(st.none(), st.integers(max(1, full - 12), full)))
     return TensorCore("custom", inp, out, fma_size=fma, extra_alignment_bits=extra,
