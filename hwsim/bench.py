@@ -28,6 +28,22 @@ def _set_threads(n: int) -> None:
         os.environ[var] = str(n)
 
 
+def _deepseek_operands(m: int, n: int, k: int, seed: int):
+    """Yield (label, a, b, exact) of the DeepSeek-V3 reproduction: all-positive mxfp8_e4m3
+    operands, half-normal and with massive activations (the first 32 columns x 4096), and
+    the exact float64 product of the quantized operands."""
+    import numfmt
+    rng = np.random.default_rng(seed)
+    for label, boost in (("half-normal", 1.0), ("massive activation x4096", 4096.0)):
+        x = np.abs(rng.standard_normal((m, k))).astype(np.float32)
+        x[:, :32] *= np.float32(boost)
+        w = np.abs(rng.standard_normal((n, k))).astype(np.float32)
+        a = numfmt.quantize(x, "mxfp8_e4m3", axis=1)
+        b = numfmt.quantize(w, "mxfp8_e4m3", axis=1)
+        yield (label, a, b,
+               numfmt.dequantize(a).astype(np.float64) @ numfmt.dequantize(b).astype(np.float64).T)
+
+
 def deepseek_figures(m: int = 64, n: int = 64, k: int = 4096, seed: int = 0) -> list[dict]:
     """mxfp8_e4m3 x mxfp8_e4m3, K = 4096, inter-block FloatAcc(13, "rtz") (14 significant
     bits, truncation) with and without promote_every=128, against the exact product of the
@@ -39,17 +55,9 @@ def deepseek_figures(m: int = 64, n: int = 64, k: int = 4096, seed: int = 0) -> 
     activations of LLMs), so that the later blocks' terms are about one unit in the last
     place of the 14-bit running sum and truncation drops most of them.
     """
-    import numfmt
     from hwsim.gemm import FloatAcc, matmul
-    rng = np.random.default_rng(seed)
     rows = []
-    for label, boost in (("half-normal", 1.0), ("massive activation x4096", 4096.0)):
-        x = np.abs(rng.standard_normal((m, k))).astype(np.float32)
-        x[:, :32] *= np.float32(boost)
-        w = np.abs(rng.standard_normal((n, k))).astype(np.float32)
-        a = numfmt.quantize(x, "mxfp8_e4m3", axis=1)
-        b = numfmt.quantize(w, "mxfp8_e4m3", axis=1)
-        exact = numfmt.dequantize(a).astype(np.float64) @ numfmt.dequantize(b).astype(np.float64).T
+    for label, a, b, exact in _deepseek_operands(m, n, k, seed):
         row = {"data": label, "m": m, "n": n, "k": k}
         for name, ib in (("fp32", FloatAcc()), ("trunc14", FloatAcc(13, "rtz")),
                          ("trunc14_promote128", FloatAcc(13, "rtz", promote_every=128))):
@@ -70,18 +78,10 @@ def deepseek_tensorcore_figures(m: int = 64, n: int = 64, k: int = 4096, seed: i
     13 fraction bits (H100; B200 keeps 25) and truncates, its FP32 result keeps 14
     significant bits, chained over K; then with promotion to an FP32 register every 128
     elements. Relative error against the exact product of the quantized operands."""
-    import numfmt
     from hwsim.gemm import matmul
     from hwsim.tensorcore import tensor_core
-    rng = np.random.default_rng(seed)
     rows = []
-    for label, boost in (("half-normal", 1.0), ("massive activation x4096", 4096.0)):
-        x = np.abs(rng.standard_normal((m, k))).astype(np.float32)
-        x[:, :32] *= np.float32(boost)
-        w = np.abs(rng.standard_normal((n, k))).astype(np.float32)
-        a = numfmt.quantize(x, "mxfp8_e4m3", axis=1)
-        b = numfmt.quantize(w, "mxfp8_e4m3", axis=1)
-        exact = numfmt.dequantize(a).astype(np.float64) @ numfmt.dequantize(b).astype(np.float64).T
+    for label, a, b, exact in _deepseek_operands(m, n, k, seed):
         for gpu in gpus:
             tc = tensor_core(gpu, "fp8_e4m3")
             row = {"data": label, "gpu": gpu, "m": m, "n": n, "k": k,
