@@ -72,14 +72,20 @@ Specials. A row holding a NaN or Inf input (or addend) gives the IEEE float64 va
 pre-check does; a running ``D_j`` that overflowed to +-Inf stays +-Inf (Inf plus finite
 products), and FP32 promotion adds it as IEEE does.
 
-Paths. ``TensorCore.dot`` and ``hwsim.matmul(..., inter_block=tc)`` run one Numba kernel
-(plain ``njit``, rows split over ``numba.get_num_threads()`` threads; the bits do not
-depend on the thread count). It decodes each element once into its exact float64 value
-and its clamped exponent (int32), takes the anchor as an integer max, and forms each
-truncated term as ``int64(a_k * b_k * 2^(F - X))`` (the product is exact in float64, the
-scaling by a power of two exact, the conversion truncates toward zero); the integer sum
-stays below 2^53, and the rounding works on integers. The tests compare it bit for bit
-with a Python ``Fraction`` reference and with the GPUs' measured outputs.
+Paths. ``TensorCore.dot`` and ``hwsim.matmul(..., inter_block=tc)`` run plain ``njit``
+kernels, rows split over ``numba.get_num_threads()`` threads (the bits do not depend on
+the thread count). Each truncated term is formed as ``int(a_k * b_k * 2^(F - X))``: the
+product is exact in float64 (in FP32 for FP8 and FP16 inputs, whose products have at most
+22 significant bits and exponents in [-48, 32]), the scaling by a power of two is exact,
+and the conversion truncates toward zero; the integer sum is exact. The measured units'
+case (unnormalized products, no sticky bit) runs batches of independent chains (rows of a
+dot, columns of a GEMM row) one step at a time, so the out-of-order core overlaps them;
+``dot`` takes each chunk's anchor straight from the FP32 bit patterns, checking the values
+on the way, and a row holding anything else (a value outside the format, NaN, Inf) is
+decoded again on a careful path that names it. A GEMM on FP8 / FP16 elements multiplies
+the unscaled elements and folds each chunk's two block scales into its anchor and scale.
+The tests compare every path bit for bit with a Python ``Fraction`` reference and with
+the GPUs' measured outputs.
 """
 from __future__ import annotations
 
@@ -256,18 +262,22 @@ class TensorCore:
             return out
         if not self.subnormal_outputs and not promote:  # c enters the unit
             C = np.where(np.abs(C) < self.output.min_normal, 0.0, C)
-        res = np.empty(n, dtype=np.float64)
+        if K == 0:  # no products: d = c
+            out[:] = C
+            return out
         bad_a = np.empty(n, dtype=np.int64)
         bad_b = np.empty(n, dtype=np.int64)
         special = np.empty(n, dtype=np.bool_)
-        _split(_dot_rows, n, A, B, C, bad_a, bad_b, special, *_decode_params(self),
-               *_kernel_params(self), promote, res)
+        # the kernel writes float32: every result is an FP32 (or FP16) value, or +-Inf
+        _split(_dot_rows, n, A, A.view(np.int32), B, B.view(np.int32), C, bad_a, bad_b,
+               special, *_decode_params(self), *_kernel_params(self), promote,
+               _sum_width(self), _products_f32(self), out)
         _raise_bad(A, bad_a, self.input, "a")
         _raise_bad(B, bad_b, self.input, "b")
-        special |= ~np.isfinite(C)
+        if c is not None:
+            special |= ~np.isfinite(C)
         if special.any():
-            res[special] = _ieee_rows(A[special], B[special], C[special])
-        out[:] = res
+            out[special] = _ieee_rows(A[special], B[special], C[special])
         return out
 
 
@@ -429,12 +439,11 @@ def _check_dot_args(tc: TensorCore, a, b, c):
                          f"shape (n, K)")
     n = A.shape[0]
     if c is None:
-        C = np.zeros(n, dtype=np.float64)
-    else:
-        C = np.ascontiguousarray(_as_2d(c, "c"))
-        if C.shape != (n,):
-            raise ValueError(f"c has shape {C.shape}; it must be ({n},), one addend per row "
-                             f"of a {A.shape}")
+        return A, B, np.zeros(n, dtype=np.float64)
+    C = np.ascontiguousarray(_as_2d(c, "c"))
+    if C.shape != (n,):
+        raise ValueError(f"c has shape {C.shape}; it must be ({n},), one addend per row "
+                         f"of a {A.shape}")
     _check_values(C, tc.output, "c")
     return A, B, C
 
@@ -464,9 +473,12 @@ def _raise_bad(x: np.ndarray, bad: np.ndarray, fmt: FloatFormat, name: str) -> N
 # decoding: values -> (integer significand, exponent), checking representability
 # ---------------------------------------------------------------------------
 def _decode_params(tc: TensorCore):
+    """(p, emin, bits of max_normal, subnormal inputs, NaN allowed, Inf allowed), as the
+    kernels take them (int32 / bool)."""
     fmt = tc.input
-    return (fmt.mantissa_bits, fmt.emin, fmt.max_normal, bool(tc.subnormal_inputs),
-            fmt.has_nan, fmt.has_inf)
+    maxbits = int(np.float32(fmt.max_normal).view(np.int32))
+    return (np.int32(fmt.mantissa_bits), np.int32(fmt.emin), np.int32(maxbits),
+            bool(tc.subnormal_inputs), bool(fmt.has_nan), bool(fmt.has_inf))
 
 
 def decode_operand(x: np.ndarray, tc: TensorCore, exp_offset: np.ndarray | None = None,
@@ -485,8 +497,8 @@ def decode_operand(x: np.ndarray, tc: TensorCore, exp_offset: np.ndarray | None 
     spec = np.empty(x.shape[0], dtype=np.bool_)
     off = (np.zeros((1, 1), dtype=np.int32) if exp_offset is None
            else np.ascontiguousarray(exp_offset, dtype=np.int32))
-    _split(_decode, x.shape[0], x, V, E, bad, spec, *_decode_params(tc), off,
-           exp_offset is not None)
+    _split(_decode, x.shape[0], x, x.view(np.int32), V, E, bad, spec, *_decode_params(tc),
+           off, exp_offset is not None)
     _raise_bad(x, bad, tc.input, name)
     return V, E, spec
 
@@ -508,63 +520,78 @@ def _split(kernel, n: int, *args) -> None:
         from concurrent.futures import ThreadPoolExecutor
         _POOL[:] = [ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tensorcore")]
     step = -(-n // threads)
-    futs = [_POOL[0].submit(kernel, i, min(i + step, n), *args) for i in range(0, n, step)]
+    futs = [_POOL[0].submit(kernel, i, min(i + step, n), *args) for i in range(step, n, step)]
+    kernel(0, min(step, n), *args)  # the calling thread takes the first piece
     for f in futs:
         f.result()
 
 
 _MASK52 = (1 << 52) - 1
+_I32 = np.int32
+_NEG32 = np.int32(_NEG_EXP)
 
 
 @njit(inline="always", **_JIT)
-def _decode_one(v, p, emin, max_normal, subnormals, has_nan, has_inf):
-    """(value kept, exponent e, representable, NaN / Inf) of one element (branch-free
-    selects, so the row loop vectorizes): v = M * 2^(e - p), e = max(floor(log2|v|), emin);
-    representable iff the bits below 2^(e - p) are zero and |v| <= max_normal."""
-    av = abs(np.float64(v))
-    fin = av <= max_normal  # False for NaN, Inf and values beyond the format
-    bits = f64_bits(av)
-    e = ((bits >> 52) & 0x7FF) - 1023
-    ec = max(e, np.int64(emin))
-    sh = min(52 - p + ec - e, np.int64(63))
-    full = (bits & _MASK52) | (np.int64(1) << 52)
-    exact = (sh < 63) and ((full >> sh) << sh) == full
-    nz = av != 0.0
-    special_ok = (has_nan and av != av) or (has_inf and av == np.inf)
-    ok = (not nz) or (fin and exact) or ((not fin) and special_ok)
-    keep = nz and fin and exact and (subnormals or e >= emin)
-    return keep, ec, ok, not fin
+def _decode_one(xb, p, emin, maxbits, subnormals, has_nan, has_inf):
+    """One element from its FP32 bits ``xb`` (int32): (kept, exponent e, bad, NaN / Inf).
+    ``v = M * 2^(e - p)`` with ``e = max(floor(log2|v|), emin)``; v is a value of the
+    format iff its FP32 significand has no bits below 2^(e - p) and |v| <= max_normal
+    (or it is a NaN / an Inf the format has). Branch-free integer selects only (bad and
+    NaN / Inf come back as int32 0 / 1 to be OR-ed), so the row loops vectorize."""
+    mag = xb & _I32(0x7FFFFFFF)
+    be = mag >> _I32(23)                       # biased FP32 exponent; 0: FP32 subnormal
+    normal32 = be != _I32(0)
+    full = (mag & _I32(0x7FFFFF)) | (_I32(0x800000) if normal32 else _I32(0))
+    e = max(be, _I32(1)) - _I32(127)           # FP32's exponent of its quantum + 23
+    ec = max(e, emin)
+    sh = min(ec - e + _I32(23) - p, _I32(31))  # FP32 significand bits below 2^(ec - p)
+    exact = (full & ((_I32(1) << sh) - _I32(1))) == _I32(0)
+    fin = mag <= maxbits                       # False for NaN, Inf and beyond the format
+    nz = mag != _I32(0)
+    special_ok = ((mag > _I32(0x7F800000)) & has_nan) | ((mag == _I32(0x7F800000)) & has_inf)
+    ok = (~nz) | (fin & exact) | ((~fin) & special_ok)
+    keep = nz & fin & exact & (subnormals | (normal32 & (e >= emin)))
+    return keep, ec, _I32(0) if ok else _I32(1), _I32(0) if fin else _I32(1)
 
 
 @njit(inline="always", **_JIT)
-def _decode_row(x, V, E, p, emin, max_normal, subnormals, has_nan, has_inf, off, use_off):
-    """Decode one row; returns (first bad column or -1, row holds a NaN / Inf)."""
-    all_ok = True
-    special = False
-    for k in range(x.shape[0]):
-        v = np.float64(x[k])
-        keep, ec, ok, spec = _decode_one(v, p, emin, max_normal, subnormals, has_nan, has_inf)
-        all_ok &= ok
-        special |= spec
-        o = np.int64(off[k]) if use_off else np.int64(0)
-        # 2^o from its bits (|o| <= 127: an E8M0 scale): the scaling is exact
-        V[k] = v * f64_from_bits((np.int64(1023) + o) << 52) if keep else 0.0
-        E[k] = ec + o if keep else _NEG_EXP
-    if all_ok:
-        return -1, special
+def _decode_row(x, xb, V, E, p, emin, maxbits, subnormals, has_nan, has_inf, off, use_off):
+    """Decode one row (values x, their FP32 bits xb) into V (float64, 0 when not kept) and
+    E (int32, -2^24 when not kept); returns (first bad column or -1, row holds a NaN /
+    Inf). The row loop has integer reductions only, so it vectorizes."""
+    bad = _I32(0)
+    special = _I32(0)
+    if use_off:  # two loops: a runtime flag inside one kept it from vectorizing
+        for k in range(x.shape[0]):
+            keep, ec, b, s = _decode_one(xb[k], p, emin, maxbits, subnormals, has_nan, has_inf)
+            bad |= b
+            special |= s
+            o = _I32(off[k])
+            # 2^o from its bits (|o| <= 127: an E8M0 scale): the scaling is exact
+            V[k] = (np.float64(x[k]) * f64_from_bits((np.int64(1023) + o) << 52)) if keep else 0.0
+            E[k] = (ec + o) if keep else _NEG32
+    else:
+        for k in range(x.shape[0]):
+            keep, ec, b, s = _decode_one(xb[k], p, emin, maxbits, subnormals, has_nan, has_inf)
+            bad |= b
+            special |= s
+            V[k] = np.float64(x[k]) if keep else 0.0
+            E[k] = ec if keep else _NEG32
+    if bad == 0:
+        return -1, special != 0
     for k in range(x.shape[0]):  # the first bad one, for the error message
-        if not _decode_one(np.float64(x[k]), p, emin, max_normal, subnormals, has_nan,
-                           has_inf)[2]:
-            return k, special
-    return -1, special
+        if _decode_one(xb[k], p, emin, maxbits, subnormals, has_nan, has_inf)[2] != 0:
+            return k, special != 0
+    return -1, special != 0
 
 
 @njit(**_JIT)
-def _decode(r0, r1, x, V, E, bad, spec, p, emin, max_normal, subnormals, has_nan, has_inf,
+def _decode(r0, r1, x, xb, V, E, bad, spec, p, emin, maxbits, subnormals, has_nan, has_inf,
             off, use_off):
     for i in range(r0, r1):
-        bad[i], spec[i] = _decode_row(x[i], V[i], E[i], p, emin, max_normal, subnormals,
-                                      has_nan, has_inf, off[i] if use_off else off[0], use_off)
+        bad[i], spec[i] = _decode_row(x[i], xb[i], V[i], E[i], p, emin, maxbits, subnormals,
+                                      has_nan, has_inf, off[i] if use_off else off[0],
+                                      use_off)
 
 
 # ---------------------------------------------------------------------------
@@ -658,7 +685,8 @@ def _aligned_sum(va, vb, k0, k1, scale, sticky):
 
 @njit(inline="always", **_JIT)
 def _to_float(neg, q, qe, inf):
-    v = np.inf if inf else math.ldexp(np.float64(q), qe)
+    # q * 2^qe with 2^qe from its bits: |qe| < 1000 for any input with its E8M0 scale
+    v = np.inf if inf else np.float64(q) * f64_from_bits((np.int64(1023) + qe) << 52)
     return -v if neg else v
 
 
@@ -675,27 +703,62 @@ def _from_float(c):
 
 @njit(inline="always", **_JIT)
 def _anchor_denorm(ea, eb, k0, k1):
-    """_anchor for unnormalized products: max_k ea + eb (a vectorized integer max)."""
-    X = np.int64(-(1 << 40))
+    """_anchor for unnormalized products: max_k ea + eb, in int32 (exponents are below
+    2^10 in magnitude, zeros at -2^24: the sums fit), a vectorized integer max (each
+    intermediate wrapped in int32: Numba would widen it to int64, half the lanes)."""
+    X = _I32(-(1 << 30))
     for k in range(k0, k1):
-        X = max(X, np.int64(ea[k]) + np.int64(eb[k]))
+        X = _I32(max(X, _I32(ea[k] + eb[k])))
     return X
 
 
 @njit(inline="always", **_JIT)
-def _sum_truncated(va, vb, k0, k1, scale, narrow):
-    """_aligned_sum without a sticky bit. Each truncated term is below 2^(F + 2) in magnitude
-    (two significands below 2, the anchor at the largest exponent); with ``narrow`` (F <= 29,
-    every preset: F <= 25) it fits an int32, and the conversion to int32, which vectorizes on
-    AVX2 where the one to int64 does not, then sums in int64 (1.6-1.8x faster here)."""
-    S = np.int64(0)
-    if narrow:
+def _sum_truncated(va, vb, k0, k1, scale, width):
+    """_aligned_sum without a sticky bit. Each truncated term is below 2^(F + 2) in
+    magnitude (two significands below 2, the anchor at the largest exponent). ``width``:
+    2 when fma_size terms sum below 2^31 (int32 terms, int32 sum: 8 or 16 lanes), 1 when a
+    term fits an int32 (F <= 29; int32 terms summed in int64), 0 otherwise (int64). The
+    conversions truncate toward zero; the integer sum is exact in any order. The factors
+    may be FP32 values: the product is formed in float64 (exact), never in float32."""
+    if width == 2:
+        S32 = _I32(0)
         for k in range(k0, k1):
-            S += np.int64(np.int32(va[k] * vb[k] * scale))
+            S32 = _I32(S32 + _I32(np.float64(va[k]) * np.float64(vb[k]) * scale))
+        return np.int64(S32)
+    S = np.int64(0)
+    if width == 1:
+        for k in range(k0, k1):
+            S += np.int64(_I32(np.float64(va[k]) * np.float64(vb[k]) * scale))
     else:
         for k in range(k0, k1):
-            S += np.int64(va[k] * vb[k] * scale)
+            S += np.int64(np.float64(va[k]) * np.float64(vb[k]) * scale)
     return S
+
+
+def _products_f32(tc: TensorCore) -> bool:
+    """Every product of two input values is an exact, normal FP32 number (FP8 and FP16
+    inputs), and fma_size such products, truncated, sum in int32 (_sum_width 2)."""
+    f = tc.input
+    return (_sum_width(tc) == 2 and 2 * (f.emin - f.mantissa_bits) >= -126
+            and f.max_normal < 2.0 ** 32)
+
+
+def _gemm_f32(tc: TensorCore, fmt) -> bool:
+    """The GEMM can run on unscaled FP32 elements (_gemm_rows_f32): the unit's measured
+    case, FP32-exact products, and every chunk of fma_size inside one scale block."""
+    from numfmt.formats import BlockFormat
+    if not (tc.products_denormalized and not tc.sticky_bit and tc.subnormal_inputs
+            and _products_f32(tc)):
+        return False
+    if isinstance(fmt, BlockFormat) and fmt.block_size is not None:
+        return fmt.block_size % tc.fma_size == 0
+    return True
+
+
+def _sum_width(tc: TensorCore) -> int:
+    """The _sum_truncated width for a unit (F + 2 magnitude bits per term, fma terms)."""
+    F = tc.alignment_bits
+    return 2 if F + 2 + int(tc.fma_size).bit_length() <= 31 else (1 if F <= 29 else 0)
 
 
 @njit(inline="always", **_JIT)
@@ -750,15 +813,16 @@ def _chain_measured(va, ea, vb, eb, c, F, m_out, emin, emax, rne, min_anchor, ou
     reg = np.float32(c)
     neg, q, qe = _from_float(c) if promote == 0 else (False, np.int64(0), np.int64(0))
     inf = False
-    narrow = F <= 29
+    # F + 2 magnitude bits per term, fma terms: see _sum_truncated
+    width = 2 if F + 2 + _bitlen(np.int64(fma)) <= 31 else (1 if F <= 29 else 0)
     for k0 in range(0, K, fma):
         k1 = min(k0 + fma, K)
         if not inf:
-            X = _with_addend(_anchor_denorm(ea, eb, k0, k1), q, qe, min_anchor)
+            X = _with_addend(np.int64(_anchor_denorm(ea, eb, k0, k1)), q, qe, min_anchor)
             if X < -(1 << 23):
                 neg = False
             else:
-                S = _sum_truncated(va, vb, k0, k1, _unit(X, F), narrow)
+                S = _sum_truncated(va, vb, k0, k1, _unit(X, F), width)
                 neg, q, qe, inf = _finish(S, X, neg, q, qe, F, m_out, emin, emax, rne, False,
                                           out_sub)
         if promote != 0 and (k1 % promote == 0 or k1 == K):
@@ -805,44 +869,296 @@ def _chain(va, ea, vb, eb, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_
                           min_anchor, out_sub, fma, promote)
 
 
+@njit(inline="always", **_JIT)
+def _anchor_bits(ab, bb, k0, k1, lo, sh0):
+    """The chunk's anchor straight from the FP32 bits of a row pair, for units that keep
+    subnormal inputs: returns (X + 254, inexact, big). Biased exponents: an element's
+    clamped exponent is ``max(be, emin + 127) = lo`` (be its FP32 biased exponent), a
+    product's the sum of two (zero products: -2^24). ``inexact`` is nonzero when an
+    element has significand bits below its format's quantum (``sh = ec - max(be, 1) +
+    23 - p`` low bits of the FP32 magnitude; sh0 = 23 - p), ``big`` the largest FP32
+    magnitude (bits): either above the format's (NaN and Inf included) sends the row to
+    the careful path, which names the bad value or takes the NaN / Inf. Integer max / OR
+    reductions only: the loop vectorizes (folding the two into one select made it 2.6x
+    slower here)."""
+    # every intermediate is wrapped in int32: Numba types int32 arithmetic as int64, and
+    # the wrappers let LLVM keep 8 lanes instead of 4 (2x here)
+    X = _I32(-(1 << 30))
+    inexact = _I32(0)
+    big = _I32(0)
+    for k in range(k0, k1):
+        ma = _I32(ab[k] & _I32(0x7FFFFFFF))
+        mb = _I32(bb[k] & _I32(0x7FFFFFFF))
+        bea = _I32(ma >> _I32(23))
+        beb = _I32(mb >> _I32(23))
+        ea = _I32(max(bea, lo))
+        eb = _I32(max(beb, lo))
+        sha = _I32(min(_I32(_I32(ea - _I32(max(bea, _I32(1)))) + sh0), _I32(31)))
+        shb = _I32(min(_I32(_I32(eb - _I32(max(beb, _I32(1)))) + sh0), _I32(31)))
+        la = _I32(ma & _I32(_I32(_I32(1) << sha) - _I32(1)))
+        lb = _I32(mb & _I32(_I32(_I32(1) << shb) - _I32(1)))
+        inexact = _I32(inexact | _I32(la | lb))
+        big = _I32(max(big, _I32(max(ma, mb))))
+        e = _I32(ea + eb)
+        X = _I32(max(X, e if (ma != _I32(0)) & (mb != _I32(0)) else _NEG32))
+    return X, inexact, big
+
+
+# The measured units' case runs on batches of independent chains (rows of a dot, columns
+# of a GEMM row): each step is one loop over the batch, so the out-of-order core overlaps
+# the chains; fused per chain, every step waited on the one before (about 2x slower here).
+@njit(inline="always", **_JIT)
+def _batch_start(nb, C, c0, promote, neg, q, qe, inf, reg):
+    """D_0 = c for chains c0..c0+nb-1 (or +0, with c starting the FP32 register)."""
+    for t in range(nb):
+        c = C[c0 + t]
+        reg[t] = np.float32(c)
+        if promote == 0:
+            neg[t], q[t], qe[t] = _from_float(c)
+        else:
+            neg[t], q[t], qe[t] = False, np.int64(0), np.int64(0)
+        inf[t] = False
+
+
+@njit(inline="always", **_JIT)
+def _batch_anchor(nb, Xp, q, qe, inf, min_anchor, F, X, scale):
+    """The anchor of each chain's operation from its products' (Xp) and its addend's
+    exponents, and the scale 1 / u (0 for a chain with nothing to add, or at +-Inf)."""
+    for t in range(nb):
+        x = _with_addend(np.int64(Xp[t]), q[t], qe[t], min_anchor)
+        X[t] = x
+        scale[t] = _unit(x, F) if (x >= -(1 << 23)) and not inf[t] else 0.0
+
+
+@njit(inline="always", **_JIT)
+def _batch_finish(nb, S, X, neg, q, qe, inf, reg, F, m_out, emin, emax, rne, out_sub,
+                  promote_now):
+    """Add each chain's addend to its aligned sum S and round (D_{j+1}); with
+    ``promote_now``, add D into the FP32 register and restart D at +0."""
+    for t in range(nb):
+        if not inf[t]:
+            if X[t] < -(1 << 23):
+                neg[t] = False
+            else:
+                neg[t], q[t], qe[t], inf[t] = _finish(S[t], X[t], neg[t], q[t], qe[t], F,
+                                                      m_out, emin, emax, rne, False, out_sub)
+        if promote_now:
+            reg[t] = _promote(reg[t], neg[t], q[t], qe[t], inf[t])
+            neg[t], q[t], qe[t], inf[t] = False, np.int64(0), np.int64(0), False
+
+
+@njit(inline="always", **_JIT)
+def _batch_result(t, neg, q, qe, inf, reg, promote):
+    return np.float64(reg[t]) if promote != 0 else _to_float(neg[t], q[t], qe[t], inf[t])
+
+
 @njit(**_JIT)
-def _dot_rows(r0, r1, a, b, C, bad_a, bad_b, spec, dp_p, dp_emin, dp_max, dp_sub, dp_nan,
-              dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor, out_sub, fma,
-              promote, out):
-    """Rows r0..r1-1 of TensorCore.dot: decode a tile of rows into small buffers reused
-    tile after tile (no fresh memory per element), then chain the unit over each row."""
+def _dot_row_careful(a, ab, b, bb, c, VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_sub, dp_nan,
+                     dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+                     out_sub, fma, promote):
+    """One row pair decoded into buffers (which name a bad value and mark a NaN / Inf),
+    then chained: (result, first bad column of a, of b, NaN / Inf)."""
+    off = np.zeros(1, dtype=np.int32)
+    bad_a, sa = _decode_row(a, ab, VA, EA, dp_p, dp_emin, dp_max, dp_sub, dp_nan, dp_inf,
+                            off, False)
+    bad_b, sb = _decode_row(b, bb, VB, EB, dp_p, dp_emin, dp_max, dp_sub, dp_nan, dp_inf,
+                            off, False)
+    r = _chain(VA, EA, VB, EB, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+               out_sub, fma, promote)
+    return r, bad_a, bad_b, sa or sb
+
+
+_BATCH = 64  # chains per batch: their state and one chunk of operands stay in L1
+
+
+@njit(**_JIT)
+def _pass_anchor_bits(ab, bb, t0, nb, k0, k1, lo, sh0, maxbits, Xp, odd):
+    """Rows t0..t0+nb-1, chunk k0..k1: the products' anchor (biased by 254) into Xp, and
+    the rows' checks OR-ed into odd. Its own function (not inlined): LLVM vectorized the
+    loop nest about 2x better alone than inside the batch loop."""
+    for t in range(nb):
+        Xb, inexact, big = _anchor_bits(ab[t0 + t, k0:k1], bb[t0 + t, k0:k1], 0, k1 - k0,
+                                        lo, sh0)
+        Xp[t] = _I32(Xb - _I32(254))
+        odd[t] = _I32(odd[t] | _I32(inexact | (_I32(1) if big > maxbits else _I32(0))))
+
+
+@njit(inline="always", **_JIT)
+def _sum_truncated_f32(va, vb, m, scale):
+    """_sum_truncated (width 2) in FP32 arithmetic, for FP32 factors whose products are
+    normal FP32 numbers (FP8 and FP16 inputs: at most 22 significant bits, exponents in
+    [-48, 32]), so a * b is exact in FP32, and ``scale`` a power of two <= 2^100: a scaled
+    product stays exact, or falls below 1 and truncates to 0 either way. 16 lanes."""
+    S32 = _I32(0)
+    for k in range(m):
+        S32 = _I32(S32 + _I32(va[k] * vb[k] * scale))
+    return np.int64(S32)
+
+
+@njit(**_JIT)
+def _pass_sum(a, b, t0, nb, k0, k1, scale, odd, width, f32, S):
+    """Rows t0..t0+nb-1, chunk k0..k1: the aligned sums (0 for a row on the careful
+    path). ``f32``: the products are exact in FP32 (_sum_truncated_f32, 4x faster than
+    forming them in float64). Its own function, like _pass_anchor_bits."""
+    if f32:
+        for t in range(nb):
+            # no nonzero product needs a scale above 2^(F + 48) < 2^100 (_sum_truncated_f32)
+            s = np.float32(min(scale[t], 2.0 ** 100))
+            S[t] = 0 if odd[t] != 0 else _sum_truncated_f32(a[t0 + t, k0:k1],
+                                                            b[t0 + t, k0:k1], k1 - k0, s)
+    else:
+        for t in range(nb):
+            S[t] = 0 if odd[t] != 0 else _sum_truncated(a[t0 + t, k0:k1], b[t0 + t, k0:k1],
+                                                        0, k1 - k0, scale[t], width)
+
+
+@njit(**_JIT)
+def _dot_rows(r0, r1, a, ab, b, bb, C, bad_a, bad_b, spec, dp_p, dp_emin, dp_max, dp_sub,
+              dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+              out_sub, fma, promote, width, f32, out):
+    """Rows r0..r1-1 of TensorCore.dot (``f32``: _products_f32). The measured units' case (unnormalized products,
+    no sticky bit, subnormal inputs kept) runs batches of rows, chunk by chunk: the
+    anchors straight from the FP32 bits (_anchor_bits), the terms from the values (exact
+    float64 products; zeros give 0). A row that holds anything but ordinary values of the
+    format (bad, NaN, Inf), and every row of other units, goes through _dot_row_careful.
+    The loops take each chunk as a slice (a loop from 0): LLVM vectorized them about 2x
+    better so than with offset bounds."""
     K = a.shape[1]
-    tile = max(1, min(256, 65536 // max(K, 1)))
-    VA = np.empty((tile, K), dtype=np.float64)
-    VB = np.empty((tile, K), dtype=np.float64)
-    EA = np.empty((tile, K), dtype=np.int32)
-    EB = np.empty((tile, K), dtype=np.int32)
-    off = np.zeros((1, 1), dtype=np.int32)
-    for t0 in range(r0, r1, tile):
-        t1 = min(t0 + tile, r1)
-        for i in range(t0, t1):
-            j = i - t0
-            bad_a[i], sa = _decode_row(a[i], VA[j], EA[j], dp_p, dp_emin, dp_max, dp_sub,
-                                       dp_nan, dp_inf, off[0], False)
-            bad_b[i], sb = _decode_row(b[i], VB[j], EB[j], dp_p, dp_emin, dp_max, dp_sub,
-                                       dp_nan, dp_inf, off[0], False)
-            spec[i] = sa or sb
-        for i in range(t0, t1):
-            j = i - t0
-            out[i] = _chain(VA[j], EA[j], VB[j], EB[j], C[i], p, F, m_out, emin, emax, rne,
-                            sticky, denorm, min_anchor, out_sub, fma, promote)
+    VA = np.empty(K, dtype=np.float64)
+    VB = np.empty(K, dtype=np.float64)
+    EA = np.empty(K, dtype=np.int32)
+    EB = np.empty(K, dtype=np.int32)
+    if not (denorm and not sticky and dp_sub):
+        for i in range(r0, r1):
+            out[i], bad_a[i], bad_b[i], spec[i] = _dot_row_careful(
+                a[i], ab[i], b[i], bb[i], C[i], VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_sub,
+                dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+                out_sub, fma, promote)
+        return
+    lo = _I32(dp_emin + 127)
+    sh0 = _I32(23 - dp_p)
+    odd = np.empty(_BATCH, dtype=np.int32)
+    Xp = np.empty(_BATCH, dtype=np.int32)
+    X = np.empty(_BATCH, dtype=np.int64)
+    scale = np.empty(_BATCH, dtype=np.float64)
+    S = np.empty(_BATCH, dtype=np.int64)
+    neg = np.empty(_BATCH, dtype=np.bool_)
+    q = np.empty(_BATCH, dtype=np.int64)
+    qe = np.empty(_BATCH, dtype=np.int64)
+    inf = np.empty(_BATCH, dtype=np.bool_)
+    reg = np.empty(_BATCH, dtype=np.float32)
+    for t0 in range(r0, r1, _BATCH):
+        nb = min(_BATCH, r1 - t0)
+        _batch_start(nb, C, t0, promote, neg, q, qe, inf, reg)
+        odd[:nb] = 0
+        for k0 in range(0, K, fma):
+            k1 = min(K, k0 + fma)
+            _pass_anchor_bits(ab, bb, t0, nb, k0, k1, lo, sh0, dp_max, Xp, odd)
+            _batch_anchor(nb, Xp, q, qe, inf, min_anchor, F, X, scale)
+            _pass_sum(a, b, t0, nb, k0, k1, scale, odd, width, f32, S)
+            _batch_finish(nb, S, X, neg, q, qe, inf, reg, F, m_out, emin, emax, rne,
+                          out_sub, promote != 0 and (k1 % promote == 0 or k1 == K))
+        for t in range(nb):
+            i = t0 + t
+            if odd[t] != 0:
+                out[i], bad_a[i], bad_b[i], spec[i] = _dot_row_careful(
+                    a[i], ab[i], b[i], bb[i], C[i], VA, EA, VB, EB, dp_p, dp_emin, dp_max,
+                    dp_sub, dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm,
+                    min_anchor, out_sub, fma, promote)
+            else:
+                out[i] = _batch_result(t, neg, q, qe, inf, reg, promote)
+                bad_a[i] = -1
+                bad_b[i] = -1
+                spec[i] = False
 
 
 @njit(**_JIT)
 def _gemm_rows(r0, r1, MA, EA, MB, EB, p, F, m_out, emin, emax, rne, sticky, denorm,
-               min_anchor, out_sub, fma, promote, out):
+               min_anchor, out_sub, fma, promote, width, out):
+    """Rows r0..r1-1 of the GEMM through the unit: ``out[i, j]`` chains row i of A with
+    row j of B. The measured units' case runs batches of columns j (independent chains),
+    chunk by chunk, each chunk taken as a slice (see _dot_rows)."""
     N = MB.shape[0]
+    K = MA.shape[1]
+    if not (denorm and not sticky):
+        for i in range(r0, r1):
+            for j in range(N):
+                out[i, j] = _chain(MA[i], EA[i], MB[j], EB[j], 0.0, p, F, m_out, emin, emax,
+                                   rne, sticky, denorm, min_anchor, out_sub, fma, promote)
+        return
+    Xp = np.empty(_BATCH, dtype=np.int32)
+    X = np.empty(_BATCH, dtype=np.int64)
+    scale = np.empty(_BATCH, dtype=np.float64)
+    S = np.empty(_BATCH, dtype=np.int64)
+    neg = np.empty(_BATCH, dtype=np.bool_)
+    q = np.empty(_BATCH, dtype=np.int64)
+    qe = np.empty(_BATCH, dtype=np.int64)
+    inf = np.empty(_BATCH, dtype=np.bool_)
+    reg = np.empty(_BATCH, dtype=np.float32)
+    zeros = np.zeros(_BATCH, dtype=np.float64)
     for i in range(r0, r1):
-        ma = MA[i]
-        ea = EA[i]
-        for j in range(N):
-            out[i, j] = _chain(ma, ea, MB[j], EB[j], 0.0, p, F, m_out, emin, emax, rne,
-                               sticky, denorm, min_anchor, out_sub, fma, promote)
+        for j0 in range(0, N, _BATCH):
+            nb = min(_BATCH, N - j0)
+            _batch_start(nb, zeros, 0, promote, neg, q, qe, inf, reg)
+            for k0 in range(0, K, fma):
+                k1 = min(K, k0 + fma)
+                ea = EA[i, k0:k1]
+                ma = MA[i, k0:k1]
+                for t in range(nb):
+                    Xp[t] = _anchor_denorm(ea, EB[j0 + t, k0:k1], 0, k1 - k0)
+                _batch_anchor(nb, Xp, q, qe, inf, min_anchor, F, X, scale)
+                for t in range(nb):
+                    S[t] = _sum_truncated(ma, MB[j0 + t, k0:k1], 0, k1 - k0, scale[t], width)
+                _batch_finish(nb, S, X, neg, q, qe, inf, reg, F, m_out, emin, emax, rne,
+                              out_sub, promote != 0 and (k1 % promote == 0 or k1 == K))
+            for t in range(nb):
+                out[i, j0 + t] = _batch_result(t, neg, q, qe, inf, reg, promote)
+
+
+@njit(**_JIT)
+def _gemm_rows_f32(r0, r1, A, EA, SA, B, EB, SB, p, F, m_out, emin, emax, rne, sticky,
+                   denorm, min_anchor, out_sub, fma, promote, out):
+    """_gemm_rows for _gemm_f32 operands: unscaled FP32 elements A, B with their exponents
+    EA, EB, and the scale exponent of each row's chunk c in SA[i, c], SB[j, c]. A chunk's
+    anchor is its unscaled one plus the two scales; its scale 1 / u times 2^(sa + sb)
+    multiplies the unscaled FP32 products (exact), clamped to [2^-100, 2^100]: below, every
+    term (< 2^34 * 2^-100) truncates to 0 as it would unclamped; above is never needed."""
+    N = B.shape[0]
+    K = A.shape[1]
+    Xp = np.empty(_BATCH, dtype=np.int32)
+    X = np.empty(_BATCH, dtype=np.int64)
+    scale = np.empty(_BATCH, dtype=np.float64)
+    S = np.empty(_BATCH, dtype=np.int64)
+    neg = np.empty(_BATCH, dtype=np.bool_)
+    q = np.empty(_BATCH, dtype=np.int64)
+    qe = np.empty(_BATCH, dtype=np.int64)
+    inf = np.empty(_BATCH, dtype=np.bool_)
+    reg = np.empty(_BATCH, dtype=np.float32)
+    zeros = np.zeros(_BATCH, dtype=np.float64)
+    for i in range(r0, r1):
+        for j0 in range(0, N, _BATCH):
+            nb = min(_BATCH, N - j0)
+            _batch_start(nb, zeros, 0, promote, neg, q, qe, inf, reg)
+            for k0 in range(0, K, fma):
+                k1 = min(K, k0 + fma)
+                c = k0 // fma
+                ea = EA[i, k0:k1]
+                av = A[i, k0:k1]
+                sa = SA[i, c]
+                for t in range(nb):
+                    Xp[t] = _I32(_I32(_anchor_denorm(ea, EB[j0 + t, k0:k1], 0, k1 - k0) + sa)
+                                 + SB[j0 + t, c])
+                _batch_anchor(nb, Xp, q, qe, inf, min_anchor, F, X, scale)
+                for t in range(nb):
+                    s = scale[t]
+                    if s != 0.0:
+                        s *= f64_from_bits((np.int64(1023) + sa + SB[j0 + t, c]) << 52)
+                        s = min(max(s, 2.0 ** -100), 2.0 ** 100)
+                    S[t] = _sum_truncated_f32(av, B[j0 + t, k0:k1], k1 - k0, np.float32(s))
+                _batch_finish(nb, S, X, neg, q, qe, inf, reg, F, m_out, emin, emax, rne,
+                              out_sub, promote != 0 and (k1 % promote == 0 or k1 == K))
+            for t in range(nb):
+                out[i, j0 + t] = _batch_result(t, neg, q, qe, inf, reg, promote)
 
 
 def _ieee_rows(A, B, C):
@@ -894,10 +1210,22 @@ def matmul_tensorcore(a, b, tc: TensorCore, promote_every: int | None = None) ->
         return out
     va, offa, nana = _operand_values(a, tc)
     vb, offb, nanb = _operand_values(b, tc)
-    MA, EA, speca = decode_operand(va, tc, offa, name="a")
-    MB, EB, specb = decode_operand(vb, tc, offb, name="b")
     res = np.empty((M, N), dtype=np.float64)
-    _split(_gemm_rows, M, MA, EA, MB, EB, *_kernel_params(tc), promote, res)
+    if _gemm_f32(tc, a.format) and _gemm_f32(tc, b.format):
+        # products of the unscaled elements are exact in FP32; each chunk lies inside one
+        # scale block, so its two scales fold into the chunk's anchor and scale
+        MA, EA, speca = decode_operand(va, tc, None, name="a")
+        MB, EB, specb = decode_operand(vb, tc, None, name="b")
+        chunks = slice(0, K, tc.fma_size)
+        _split(_gemm_rows_f32, M, MA.astype(np.float32), EA,
+               np.ascontiguousarray(offa[:, chunks], dtype=np.int32), MB.astype(np.float32),
+               EB, np.ascontiguousarray(offb[:, chunks], dtype=np.int32),
+               *_kernel_params(tc), promote, res)
+    else:
+        MA, EA, speca = decode_operand(va, tc, offa, name="a")
+        MB, EB, specb = decode_operand(vb, tc, offb, name="b")
+        _split(_gemm_rows, M, MA, EA, MB, EB, *_kernel_params(tc), promote, _sum_width(tc),
+               res)
     spa = nana.any(axis=1) | speca
     spb = nanb.any(axis=1) | specb
     if spa.any() or spb.any():

@@ -355,6 +355,57 @@ def test_matmul_with_tensorcore_equals_dot_and_reference():
                 assert bits(r.out[m, n]) == bits(want), (m, n, promote)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_gemm_fp32_element_path_equals_scaled_path_and_reference(data):
+    """The GEMM on unscaled FP32 elements with the chunk's scales folded into its anchor
+    and scale (FP8 / FP16 inputs) equals the general float64 path and the Fraction
+    reference, over scales from 2^-127 to 2^127, subnormals, zeros and cancellation."""
+    import hwsim.tensorcore as htc
+    fp32_units = [t for t in preset_table() if htc._products_f32(t)]
+    assert {t.input_format for t in fp32_units} == {"fp8_e4m3", "fp8_e5m2", "fp16"}
+    tc = data.draw(st.sampled_from(fp32_units))
+    elem = tc.input_format
+    M, N = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    K = data.draw(st.integers(1, 80))
+    exps = st.integers(tc.input.emin, tc.input.emax)
+    ea = np.array([_values(elem, data, K, exps=exps) for _ in range(M)], dtype=np.float32)
+    eb = np.array([_values(elem, data, K, exps=exps) for _ in range(N)], dtype=np.float32)
+    if K >= 2 and data.draw(st.booleans()):
+        eb[:, 1::2] = -eb[:, 0:K - 1:2][:, :eb[:, 1::2].shape[1]]
+        ea[:, 1::2] = ea[:, 0:K - 1:2][:, :ea[:, 1::2].shape[1]]
+    scaled = elem != "fp16" and data.draw(st.booleans())
+    if scaled:
+        fmt = numfmt.get("mx" + elem)
+        nblk = -(-K // 32)
+        codes = st.integers(0, 254)
+        sa = np.array([[data.draw(codes) for _ in range(nblk)] for _ in range(M)], np.uint8)
+        sb = np.array([[data.draw(codes) for _ in range(nblk)] for _ in range(N)], np.uint8)
+        qa = numfmt.QTensor(numfmt.encode(ea, tc.input), sa, fmt, 1, (M, K))
+        qb = numfmt.QTensor(numfmt.encode(eb, tc.input), sb, fmt, 1, (N, K))
+        offa = np.repeat(sa.astype(np.int64) - 127, 32, axis=1)[:, :K]
+        offb = np.repeat(sb.astype(np.int64) - 127, 32, axis=1)[:, :K]
+    else:
+        qa = numfmt.quantize(ea, elem, axis=1)
+        qb = numfmt.quantize(eb, elem, axis=1)
+        offa = np.zeros((M, K), np.int64)
+        offb = np.zeros((N, K), np.int64)
+    promote = tc.fma_size * data.draw(st.integers(1, 3)) if data.draw(st.booleans()) else None
+    assert htc._gemm_f32(tc, qa.format)
+    fast = hwsim.matmul(qa, qb, inter_block=tc, promote_every=promote).out
+    orig = htc._gemm_f32
+    htc._gemm_f32 = lambda *args: False
+    try:
+        general = hwsim.matmul(qa, qb, inter_block=tc, promote_every=promote).out
+    finally:
+        htc._gemm_f32 = orig
+    assert np.array_equal(bits(fast), bits(general)), (tc, fast, general)
+    for m in range(M):
+        for n in range(N):
+            want = ref_dot(tc, ea[m], eb[n], 0.0, promote, offa[m], offb[n])
+            assert bits(fast[m, n]) == bits(np.float32(want)), (tc, m, n, fast[m, n], want)
+
+
 def test_matmul_tensorcore_specials_and_errors():
     tc = tensor_core("H100", "fp8_e4m3")
     x = np.ones((2, 64), dtype=np.float32)
