@@ -318,3 +318,29 @@ def test_save_load_round_trip(tmp_path, res):
     r0 = rtn(W0)
     save_result(r0, tmp_path / "r")
     assert load_result(tmp_path / "r").left is None
+
+
+def test_residual_in_blocks_has_the_bits_of_the_whole_matrix_step():
+    """The CPU loop forms E = P - Q1(P) and ||E||^2 in row blocks that stay in cache; the
+    loss and both gradients are the same bits as the whole-matrix step (buffers=None),
+    also when the row count is not a multiple of the block."""
+    from analysis.loraq.optimizer import _Buffers, step_gradients
+    rng = np.random.default_rng(3)
+    out, inp, r = 301, 1200, 8
+    Wn = torch.from_numpy(rng.standard_normal((out, inp)).astype(np.float32))
+    L = torch.from_numpy((rng.standard_normal((out, r)) * 0.3).astype(np.float32))
+    R = torch.from_numpy((rng.standard_normal((r, inp)) * 0.3).astype(np.float32))
+    Om = torch.eye(r)
+    whole = step_gradients(Wn, L, R, Om, "mxint4", "mxint8")
+    bufs = _Buffers(out, inp, r)
+    assert 1 < bufs.block_rows < out and out % bufs.block_rows != 0
+    blocked = step_gradients(Wn, L, R, Om, "mxint4", "mxint8", buffers=bufs)
+    assert whole[0] == blocked[0] and whole[0] > 0
+    for x, y in zip(whole[1:], blocked[1:]):
+        assert torch.equal(x, y)
+    # and the residual left in the buffer is E = P - Q1(P) itself
+    A = torch.from_numpy(numfmt.fake_quantize(blocked[1].numpy(), "mxint8", axis=1))
+    B = torch.from_numpy(numfmt.fake_quantize(blocked[2].numpy(), "mxint8", axis=1))
+    P = torch.addmm(Wn, A, B, alpha=-1.0)
+    Q = torch.from_numpy(numfmt.fake_quantize(P.numpy(), "mxint4", axis=1))
+    assert torch.equal(bufs.P, P - Q)

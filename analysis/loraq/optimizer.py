@@ -189,6 +189,11 @@ class _Buffers:
             return t.numpy(), t
         self.P_np, self.P = pair(out, inp)    # residual P, then E = P - Q1(P) in place
         self.Q_np, self.Q = pair(out, inp)    # Q1(P)
+        # _residual_in_blocks: row blocks of about 256 KiB, a scratch block and row sums
+        self.block_rows = max(1, min(out, (1 << 18) // (4 * max(inp, 1))))
+        self.Qb_np, self.Qb = pair(self.block_rows, inp)
+        self.row_sums = torch.empty(out, dtype=torch.float32,
+                                    device=device if device is not None else "cpu")
         self.A_np, self.A = pair(out, r)
         self.B_np, self.B = pair(r, inp)
 
@@ -278,12 +283,37 @@ def step_gradients(Wn, L, R, Om, main, branch, H=None, buffers=None):
             A = _fq(Lo, branch, buffers.A_np, buffers.A, bk)
             B = _fq(Ro, branch, buffers.B_np, buffers.B, bk)
             P = torch.addmm(Wn, A, B, alpha=-1.0, out=buffers.P)
+            if H is None and buffers.P_np is not None:  # the CPU loop without data
+                E, G = P, P
+                loss = _residual_in_blocks(P, main, buffers)
+                gA = (G @ B.T).mul_(-2.0)
+                gB = (A.T @ G).mul_(-2.0)
+                return loss, Lo, Ro, gA, gB
             E = P.sub_(_fq(P, main, buffers.Q_np, buffers.Q, bk))
         G = E if H is None else (E @ H if H.ndim == 2 else E * H)
         loss = _sum_of_products(E, G, None if buffers is None else buffers.Q)
         gA = (G @ B.T).mul_(-2.0)
         gB = (A.T @ G).mul_(-2.0)
     return loss, Lo, Ro, gA, gB
+
+
+def _residual_in_blocks(P, main, buffers) -> float:
+    """E = P - Q1(P) in place (P the ``buffers.P`` tensor) and sum(E * E), the same bits
+    as ``P.sub_(_fq(P, main))`` then ``_sum_of_products(E, E)``: Q1 acts on each row alone,
+    and each row's sum is the same torch reduction over the same values. Block by block of
+    ``buffers.block_rows`` rows, so that Q1(P) and E * E stay in the core's cache instead
+    of passing through memory as two more out x in matrices: the loop's memory traffic,
+    which two workers on one machine share, drops by about half."""
+    n = P.shape[0]
+    rows = buffers.block_rows
+    P_np, Qb_np, Qb, rs = buffers.P_np, buffers.Qb_np, buffers.Qb, buffers.row_sums
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        q = Qb[:r1 - r0]
+        numfmt.fake_quantize(P_np[r0:r1], main, axis=1, out=Qb_np[:r1 - r0])
+        Pb = P[r0:r1].sub_(q)
+        torch.sum(torch.mul(Pb, Pb, out=q), dim=1, out=rs[r0:r1])
+    return float(rs.sum())
 
 
 def _sum_of_products(X, Y, scratch=None) -> float:
