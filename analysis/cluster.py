@@ -238,8 +238,7 @@ def connect(workers: int | None = None, scheduler: str | None = None, *,
 # glibc malloc in a LocalCluster's workers (see the module docstring): keep freed memory
 # (no trimming below 1 GiB of free heap) and serve blocks up to 32 MiB (the largest
 # threshold glibc's own dynamic rule reaches) from the heap, not fresh mmap pages
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-                 "MALLOC_ARENA_MAX": "1"}
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 
 @contextmanager
