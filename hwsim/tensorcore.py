@@ -921,28 +921,71 @@ def _batch_start(nb, C, c0, promote, neg, q, qe, inf, reg):
 
 
 @njit(inline="always", **_JIT)
+def _bits_of(a):
+    """Bits of a nonnegative int64 below 2^53 (``_bitlen``), without a branch: -1022 for 0
+    (callers select that case away)."""
+    return ((f64_bits(np.float64(a)) >> 52) & 0x7FF) - 1022
+
+
+_NONE = -(1 << 23)  # an anchor below this: nothing nonzero to add (_with_addend)
+
+
+@njit(inline="always", **_JIT)
 def _batch_anchor(nb, Xp, q, qe, inf, min_anchor, F, X, scale):
-    """The anchor of each chain's operation from its products' (Xp) and its addend's
-    exponents, and the scale 1 / u (0 for a chain with nothing to add, or at +-Inf)."""
+    """_with_addend and the scale 1 / u (0 for a chain with nothing to add, or at +-Inf)
+    of each chain's next operation, from its products' anchor Xp and its addend (-1)^neg
+    * q * 2^qe. Branch-free selects (the same arithmetic as _with_addend), so the chains'
+    data cannot mispredict a branch."""
     for t in range(nb):
-        x = _with_addend(np.int64(Xp[t]), q[t], qe[t], min_anchor)
+        qt = q[t]
+        xa = max(_bits_of(qt) - 1 + qe[t], np.int64(-126))
+        x = max(np.int64(Xp[t]), xa if qt != 0 else np.int64(-(1 << 40)))
+        x = max(x, np.int64(min_anchor)) if x >= _NONE else x
         X[t] = x
-        scale[t] = _unit(x, F) if (x >= -(1 << 23)) and not inf[t] else 0.0
+        u = f64_from_bits((np.int64(1023) + F - x) << 52)
+        scale[t] = u if (x >= _NONE) & (not inf[t]) else 0.0
 
 
 @njit(inline="always", **_JIT)
 def _batch_finish(nb, S, X, neg, q, qe, inf, reg, F, m_out, emin, emax, rne, out_sub,
                   promote_now):
-    """Add each chain's addend to its aligned sum S and round (D_{j+1}); with
-    ``promote_now``, add D into the FP32 register and restart D at +0."""
+    """D_{j+1} for each chain: its addend truncated to the unit 2^(X - F) and added to its
+    aligned sum S, then rounded to m_out fraction bits in [emin, emax] (``_finish`` and
+    ``_round_q`` for the measured units: no sticky bit), written as branch-free selects
+    over the batch; with ``promote_now``, D is added into the FP32 register and restarts
+    at +0. A chain at +-Inf stays there; one with nothing to add keeps q = 0, sign +."""
     for t in range(nb):
-        if not inf[t]:
-            if X[t] < -(1 << 23):
-                neg[t] = False
-            else:
-                neg[t], q[t], qe[t], inf[t] = _finish(S[t], X[t], neg[t], q[t], qe[t], F,
-                                                      m_out, emin, emax, rne, False, out_sub)
-        if promote_now:
+        x = X[t]
+        active = (not inf[t]) & (x >= _NONE)
+        lsb = x - F
+        qt = q[t]
+        sh = qe[t] - lsb  # the addend q * 2^qe in units of 2^lsb, truncated toward zero
+        ta = (qt << min(sh, np.int64(62))) if sh >= 0 else (qt >> min(-sh, np.int64(62)))
+        s2 = S[t] + (-ta if neg[t] else ta)
+        nz = s2 != 0
+        ng = s2 < 0
+        A = -s2 if ng else s2
+        e = max(_bits_of(A) - 1 + lsb, np.int64(emin))
+        qe2 = e - m_out
+        s = qe2 - lsb  # bits below the result's last place
+        sc = min(max(s, np.int64(1)), np.int64(62))
+        qq = A >> sc
+        if rne:
+            rem = A - (qq << sc)
+            half = np.int64(1) << (sc - 1)
+            qq += np.int64((rem > half) | ((rem == half) & ((qq & 1) == 1)))
+        qq = A if s <= 0 else (np.int64(0) if s >= 62 else qq)
+        qe2 = lsb if s <= 0 else qe2
+        top = _bits_of(qq) - 1 + qe2
+        ovf = (qq != 0) & (top > emax)
+        flush = (qq != 0) & (not out_sub) & (top < emin) & (not ovf)
+        qq = np.int64(0) if flush else qq
+        neg[t] = (ng & nz) if active else (neg[t] & inf[t])
+        q[t] = (qq if nz else np.int64(0)) if active else qt
+        qe[t] = (qe2 if nz else np.int64(0)) if active else qe[t]
+        inf[t] = (ovf & nz) if active else inf[t]
+    if promote_now:
+        for t in range(nb):
             reg[t] = _promote(reg[t], neg[t], q[t], qe[t], inf[t])
             neg[t], q[t], qe[t], inf[t] = False, np.int64(0), np.int64(0), False
 
