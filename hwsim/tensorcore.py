@@ -265,18 +265,21 @@ class TensorCore:
         if K == 0:  # no products: d = c
             out[:] = C
             return out
-        bad_a = np.empty(n, dtype=np.int64)
-        bad_b = np.empty(n, dtype=np.int64)
-        special = np.empty(n, dtype=np.bool_)
-        # the kernel writes float32: every result is an FP32 (or FP16) value, or +-Inf
-        _split(_dot_rows, n, A, A.view(np.int32), B, B.view(np.int32), C, bad_a, bad_b,
-               special, *_decode_params(self), *_kernel_params(self), promote,
-               _sum_width(self), _products_f32(self), out)
-        _raise_bad(A, bad_a, self.input, "a")
-        _raise_bad(B, bad_b, self.input, "b")
+        # one byte of status per row (no per-call arrays of int64: fresh large arrays
+        # page-fault, a cost here comparable with the arithmetic); the kernel writes
+        # float32: every result is an FP32 (or FP16) value, or +-Inf
+        status = np.empty(n, dtype=np.int8)
+        _split(_dot_rows, n, A, A.view(np.int32), B, B.view(np.int32), C, status,
+               *_decode_params(self), *_kernel_params(self), promote, _sum_width(self),
+               _products_f32(self), out)
+        special = None
+        if status.any():
+            _raise_bad_row(A, status & 2, self.input, "a")
+            _raise_bad_row(B, status & 4, self.input, "b")
+            special = (status & 1) != 0
         if c is not None:
-            special |= ~np.isfinite(C)
-        if special.any():
+            special = ~np.isfinite(C) if special is None else special | ~np.isfinite(C)
+        if special is not None and special.any():
             out[special] = _ieee_rows(A[special], B[special], C[special])
         return out
 
@@ -457,6 +460,18 @@ def _check_promote(tc: TensorCore, promote_every) -> int:
         raise ValueError(f"promote_every={promote_every} is not allowed; it must be a positive "
                          f"multiple of the unit's fma_size {tc.fma_size}")
     return int(promote_every)
+
+
+def _raise_bad_row(x: np.ndarray, rows: np.ndarray, fmt: FloatFormat, name: str) -> None:
+    """ValueError naming the first value of ``x`` (row-major) that is not one of ``fmt``'s,
+    in the first row where ``rows`` is nonzero (none: nothing to raise)."""
+    hit = np.flatnonzero(rows)
+    if hit.size:
+        i = int(hit[0])
+        (j,), val = first_unrepresentable(x[i], fmt)
+        raise ValueError(f"{name}[{i}, {int(j)}] = {val!r} is not representable in "
+                         f"{fmt.name}; {name} must hold values of the unit's {fmt.name} "
+                         f"format")
 
 
 def _raise_bad(x: np.ndarray, bad: np.ndarray, fmt: FloatFormat, name: str) -> None:
@@ -999,8 +1014,9 @@ def _batch_result(t, neg, q, qe, inf, reg, promote):
 def _dot_row_careful(a, ab, b, bb, c, VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_sub, dp_nan,
                      dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
                      out_sub, fma, promote):
-    """One row pair decoded into buffers (which name a bad value and mark a NaN / Inf),
-    then chained: (result, first bad column of a, of b, NaN / Inf)."""
+    """One row pair decoded into buffers, then chained: (result, status), status bits
+    1: a NaN or Inf (the caller takes IEEE), 2: a value of a that is not one of the
+    format's, 4: one of b (the caller names it)."""
     off = np.zeros(1, dtype=np.int32)
     bad_a, sa = _decode_row(a, ab, VA, EA, dp_p, dp_emin, dp_max, dp_sub, dp_nan, dp_inf,
                             off, False)
@@ -1008,7 +1024,8 @@ def _dot_row_careful(a, ab, b, bb, c, VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_
                             off, False)
     r = _chain(VA, EA, VB, EB, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
                out_sub, fma, promote)
-    return r, bad_a, bad_b, sa or sb
+    status = (1 if sa or sb else 0) | (2 if bad_a >= 0 else 0) | (4 if bad_b >= 0 else 0)
+    return r, np.int8(status)
 
 
 _BATCH = 64  # chains per batch: their state and one chunk of operands stay in L1
@@ -1056,11 +1073,12 @@ def _pass_sum(a, b, t0, nb, k0, k1, scale, odd, width, f32, S):
 
 
 @njit(**_JIT)
-def _dot_rows(r0, r1, a, ab, b, bb, C, bad_a, bad_b, spec, dp_p, dp_emin, dp_max, dp_sub,
-              dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
-              out_sub, fma, promote, width, f32, out):
-    """Rows r0..r1-1 of TensorCore.dot (``f32``: _products_f32). The measured units' case (unnormalized products,
-    no sticky bit, subnormal inputs kept) runs batches of rows, chunk by chunk: the
+def _dot_rows(r0, r1, a, ab, b, bb, C, status, dp_p, dp_emin, dp_max, dp_sub, dp_nan,
+              dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor, out_sub, fma,
+              promote, width, f32, out):
+    """Rows r0..r1-1 of TensorCore.dot into ``out`` and ``status`` (int8, the bits of
+    _dot_row_careful; 0 for an ordinary row); ``f32``: _products_f32. The measured units'
+    case (unnormalized products, no sticky bit, subnormal inputs kept) runs batches of rows, chunk by chunk: the
     anchors straight from the FP32 bits (_anchor_bits), the terms from the values (exact
     float64 products; zeros give 0). A row that holds anything but ordinary values of the
     format (bad, NaN, Inf), and every row of other units, goes through _dot_row_careful.
@@ -1073,7 +1091,7 @@ def _dot_rows(r0, r1, a, ab, b, bb, C, bad_a, bad_b, spec, dp_p, dp_emin, dp_max
     EB = np.empty(K, dtype=np.int32)
     if not (denorm and not sticky and dp_sub):
         for i in range(r0, r1):
-            out[i], bad_a[i], bad_b[i], spec[i] = _dot_row_careful(
+            out[i], status[i] = _dot_row_careful(
                 a[i], ab[i], b[i], bb[i], C[i], VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_sub,
                 dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
                 out_sub, fma, promote)
@@ -1104,15 +1122,13 @@ def _dot_rows(r0, r1, a, ab, b, bb, C, bad_a, bad_b, spec, dp_p, dp_emin, dp_max
         for t in range(nb):
             i = t0 + t
             if odd[t] != 0:
-                out[i], bad_a[i], bad_b[i], spec[i] = _dot_row_careful(
+                out[i], status[i] = _dot_row_careful(
                     a[i], ab[i], b[i], bb[i], C[i], VA, EA, VB, EB, dp_p, dp_emin, dp_max,
                     dp_sub, dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm,
                     min_anchor, out_sub, fma, promote)
             else:
                 out[i] = _batch_result(t, neg, q, qe, inf, reg, promote)
-                bad_a[i] = -1
-                bad_b[i] = -1
-                spec[i] = False
+                status[i] = 0
 
 
 @njit(**_JIT)
