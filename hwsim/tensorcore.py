@@ -547,25 +547,39 @@ _NEG32 = np.int32(_NEG_EXP)
 
 
 @njit(inline="always", **_JIT)
+def _exp_and_lost(mag, lo, sh0):
+    """For an FP32 magnitude ``mag`` (int32 bits) read as a value of a format with p
+    fraction bits and smallest normal exponent emin (``lo = emin + 127``, ``sh0 = 23 - p``):
+    (its biased clamped exponent ``max(be, lo)``, the FP32 significand bits below the
+    format's quantum 2^(ec - p)): nonzero when the value is not one of the format's (sh =
+    ec - max(be, 1) + sh0 low bits of the magnitude; from 24 on they reach the exponent
+    field, which is right: such a nonzero value is below the smallest subnormal). Every
+    intermediate is wrapped in int32: Numba types int32 arithmetic as int64, and the
+    wrappers let LLVM keep twice the lanes (2x measured)."""
+    be = _I32(mag >> _I32(23))                 # biased FP32 exponent; 0: FP32 subnormal
+    ea = _I32(max(be, lo))
+    sh = _I32(min(_I32(_I32(ea - _I32(max(be, _I32(1)))) + sh0), _I32(31)))
+    return ea, _I32(mag & _I32(_I32(_I32(1) << sh) - _I32(1)))
+
+
+@njit(inline="always", **_JIT)
 def _decode_one(xb, p, emin, maxbits, subnormals, has_nan, has_inf):
     """One element from its FP32 bits ``xb`` (int32): (kept, exponent e, bad, NaN / Inf).
     ``v = M * 2^(e - p)`` with ``e = max(floor(log2|v|), emin)``; v is a value of the
-    format iff its FP32 significand has no bits below 2^(e - p) and |v| <= max_normal
-    (or it is a NaN / an Inf the format has). Branch-free integer selects only (bad and
-    NaN / Inf come back as int32 0 / 1 to be OR-ed), so the row loops vectorize."""
-    mag = xb & _I32(0x7FFFFFFF)
-    be = mag >> _I32(23)                       # biased FP32 exponent; 0: FP32 subnormal
-    normal32 = be != _I32(0)
-    full = (mag & _I32(0x7FFFFF)) | (_I32(0x800000) if normal32 else _I32(0))
-    e = max(be, _I32(1)) - _I32(127)           # FP32's exponent of its quantum + 23
-    ec = max(e, emin)
-    sh = min(ec - e + _I32(23) - p, _I32(31))  # FP32 significand bits below 2^(ec - p)
-    exact = (full & ((_I32(1) << sh) - _I32(1))) == _I32(0)
+    format iff its FP32 significand has no bits below 2^(e - p) (_exp_and_lost) and
+    |v| <= max_normal (or it is a NaN / an Inf the format has). Branch-free integer
+    selects only (bad and NaN / Inf come back as int32 0 / 1 to be OR-ed), so the row
+    loops vectorize."""
+    mag = _I32(xb & _I32(0x7FFFFFFF))
+    ea, lost = _exp_and_lost(mag, _I32(emin + 127), _I32(23 - p))
+    ec = _I32(ea - _I32(127))
+    exact = lost == _I32(0)
     fin = mag <= maxbits                       # False for NaN, Inf and beyond the format
     nz = mag != _I32(0)
     special_ok = ((mag > _I32(0x7F800000)) & has_nan) | ((mag == _I32(0x7F800000)) & has_inf)
     ok = (~nz) | (fin & exact) | ((~fin) & special_ok)
-    keep = nz & fin & exact & (subnormals | (normal32 & (e >= emin)))
+    normal = _I32(mag >> _I32(23)) >= _I32(emin + 127)  # a normal of the format
+    keep = nz & fin & exact & (subnormals | normal)
     return keep, ec, _I32(0) if ok else _I32(1), _I32(0) if fin else _I32(1)
 
 
@@ -614,8 +628,7 @@ def _decode(r0, r1, x, xb, V, E, bad, spec, p, emin, maxbits, subnormals, has_na
 # ---------------------------------------------------------------------------
 def _kernel_params(tc: TensorCore):
     out = tc.output
-    p = tc.input.mantissa_bits
-    return (p, tc.alignment_bits, tc.output_mantissa_bits, out.emin, out.emax,
+    return (tc.alignment_bits, tc.output_mantissa_bits, out.emin, out.emax,
             tc.rounding == "rne", bool(tc.sticky_bit), bool(tc.products_denormalized),
             -(1 << 30) if tc.min_anchor_exponent is None else int(tc.min_anchor_exponent),
             bool(tc.subnormal_outputs), int(tc.fma_size))
@@ -759,7 +772,7 @@ def _products_f32(tc: TensorCore) -> bool:
 
 
 def _gemm_f32(tc: TensorCore, fmt) -> bool:
-    """The GEMM can run on unscaled FP32 elements (_gemm_rows_f32): the unit's measured
+    """The GEMM can run on unscaled FP32 elements (_gemm_rows with f32): the unit's measured
     case, FP32-exact products, and every chunk of fma_size inside one scale block."""
     from numfmt.formats import BlockFormat
     if not (tc.products_denormalized and not tc.sticky_bit and tc.subnormal_inputs
@@ -817,39 +830,15 @@ def _promote(reg, neg, q, qe, inf):
     return np.float32(reg + np.float32(_to_float(neg, q, qe, inf)))
 
 
-# Two copies of the chain: the measured units' case (unnormalized products, no sticky bit)
-# with only those loops in it, which LLVM vectorizes, and the general one; runtime flags
-# inside one loop nest made it several times slower.
 @njit(inline="always", **_JIT)
-def _chain_measured(va, ea, vb, eb, c, F, m_out, emin, emax, rne, min_anchor, out_sub, fma,
-                    promote):
-    """_chain for products_denormalized=True, sticky_bit=False."""
-    K = va.shape[0]
-    reg = np.float32(c)
-    neg, q, qe = _from_float(c) if promote == 0 else (False, np.int64(0), np.int64(0))
-    inf = False
-    # F + 2 magnitude bits per term, fma terms: see _sum_truncated
-    width = 2 if F + 2 + _bitlen(np.int64(fma)) <= 31 else (1 if F <= 29 else 0)
-    for k0 in range(0, K, fma):
-        k1 = min(k0 + fma, K)
-        if not inf:
-            X = _with_addend(np.int64(_anchor_denorm(ea, eb, k0, k1)), q, qe, min_anchor)
-            if X < -(1 << 23):
-                neg = False
-            else:
-                S = _sum_truncated(va, vb, k0, k1, _unit(X, F), width)
-                neg, q, qe, inf = _finish(S, X, neg, q, qe, F, m_out, emin, emax, rne, False,
-                                          out_sub)
-        if promote != 0 and (k1 % promote == 0 or k1 == K):
-            reg = _promote(reg, neg, q, qe, inf)
-            neg, q, qe, inf = False, np.int64(0), np.int64(0), False
-    return np.float64(reg) if promote != 0 else _to_float(neg, q, qe, inf)
-
-
-@njit(inline="always", **_JIT)
-def _chain_general(va, ea, vb, eb, c, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
-                   out_sub, fma, promote):
-    """_chain for any sticky_bit / products_denormalized."""
+def _chain(va, ea, vb, eb, c, F, m_out, emin, emax, rne, sticky, denorm, min_anchor, out_sub,
+           fma, promote):
+    """D_{j+1} = TC(chunk j, D_j) over one row pair (va, ea) x (vb, eb) from D_0 = c, for
+    any unit; with ``promote`` > 0, D restarts at +0 and is added (FP32, RNE) into a
+    register that starts at c, every ``promote`` products. The running D is held as
+    (-1)^neg * q * 2^qe; a D of +-Inf stays +-Inf (Inf plus finite products). The
+    measured units' case runs batched (_batch_*) instead; this one serves the other
+    units and the rows that the batched ``dot`` hands to its careful path."""
     K = va.shape[0]
     reg = np.float32(c)
     neg, q, qe = _from_float(c) if promote == 0 else (False, np.int64(0), np.int64(0))
@@ -871,20 +860,6 @@ def _chain_general(va, ea, vb, eb, c, F, m_out, emin, emax, rne, sticky, denorm,
 
 
 @njit(inline="always", **_JIT)
-def _chain(va, ea, vb, eb, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
-           out_sub, fma, promote):
-    """D_{j+1} = TC(chunk j, D_j) over a row pair (va, ea) x (vb, eb) from D_0 = c; with
-    ``promote`` > 0, D restarts at +0 and is added (FP32, RNE) into a register that starts
-    at c, every ``promote`` products. The running D is held as (-1)^neg * q * 2^qe; a D
-    of +-Inf stays +-Inf (Inf plus finite products)."""
-    if denorm and not sticky:
-        return _chain_measured(va, ea, vb, eb, c, F, m_out, emin, emax, rne, min_anchor,
-                               out_sub, fma, promote)
-    return _chain_general(va, ea, vb, eb, c, F, m_out, emin, emax, rne, sticky, denorm,
-                          min_anchor, out_sub, fma, promote)
-
-
-@njit(inline="always", **_JIT)
 def _anchor_bits(ab, bb, k0, k1, lo, sh0):
     """The chunk's anchor straight from the FP32 bits of a row pair, for units that keep
     subnormal inputs: returns (X + 254, inexact, big). Biased exponents: an element's
@@ -896,27 +871,31 @@ def _anchor_bits(ab, bb, k0, k1, lo, sh0):
     the careful path, which names the bad value or takes the NaN / Inf. Integer max / OR
     reductions only: the loop vectorizes (folding the two into one select made it 2.6x
     slower here)."""
-    # every intermediate is wrapped in int32: Numba types int32 arithmetic as int64, and
-    # the wrappers let LLVM keep 8 lanes instead of 4 (2x here)
     X = _I32(-(1 << 30))
     inexact = _I32(0)
     big = _I32(0)
     for k in range(k0, k1):
         ma = _I32(ab[k] & _I32(0x7FFFFFFF))
         mb = _I32(bb[k] & _I32(0x7FFFFFFF))
-        bea = _I32(ma >> _I32(23))
-        beb = _I32(mb >> _I32(23))
-        ea = _I32(max(bea, lo))
-        eb = _I32(max(beb, lo))
-        sha = _I32(min(_I32(_I32(ea - _I32(max(bea, _I32(1)))) + sh0), _I32(31)))
-        shb = _I32(min(_I32(_I32(eb - _I32(max(beb, _I32(1)))) + sh0), _I32(31)))
-        la = _I32(ma & _I32(_I32(_I32(1) << sha) - _I32(1)))
-        lb = _I32(mb & _I32(_I32(_I32(1) << shb) - _I32(1)))
+        ea, la = _exp_and_lost(ma, lo, sh0)
+        eb, lb = _exp_and_lost(mb, lo, sh0)
         inexact = _I32(inexact | _I32(la | lb))
         big = _I32(max(big, _I32(max(ma, mb))))
         e = _I32(ea + eb)
         X = _I32(max(X, e if (ma != _I32(0)) & (mb != _I32(0)) else _NEG32))
     return X, inexact, big
+
+
+@njit(inline="always", **_JIT)
+def _batch_state():
+    """The work arrays of one batch of chains: the products' anchors Xp, the anchors X,
+    the scales 1 / u, the aligned sums S, and the running D = (-1)^neg * q * 2^qe (+-Inf
+    when inf) with its FP32 promotion register reg."""
+    return (np.empty(_BATCH, dtype=np.int32), np.empty(_BATCH, dtype=np.int64),
+            np.empty(_BATCH, dtype=np.float64), np.empty(_BATCH, dtype=np.int64),
+            np.empty(_BATCH, dtype=np.bool_), np.empty(_BATCH, dtype=np.int64),
+            np.empty(_BATCH, dtype=np.int64), np.empty(_BATCH, dtype=np.bool_),
+            np.empty(_BATCH, dtype=np.float32))
 
 
 # The measured units' case runs on batches of independent chains (rows of a dot, columns
@@ -1012,7 +991,7 @@ def _batch_result(t, neg, q, qe, inf, reg, promote):
 
 @njit(**_JIT)
 def _dot_row_careful(a, ab, b, bb, c, VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_sub, dp_nan,
-                     dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+                     dp_inf, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
                      out_sub, fma, promote):
     """One row pair decoded into buffers, then chained: (result, status), status bits
     1: a NaN or Inf (the caller takes IEEE), 2: a value of a that is not one of the
@@ -1022,7 +1001,7 @@ def _dot_row_careful(a, ab, b, bb, c, VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_
                             off, False)
     bad_b, sb = _decode_row(b, bb, VB, EB, dp_p, dp_emin, dp_max, dp_sub, dp_nan, dp_inf,
                             off, False)
-    r = _chain(VA, EA, VB, EB, c, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+    r = _chain(VA, EA, VB, EB, c, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
                out_sub, fma, promote)
     status = (1 if sa or sb else 0) | (2 if bad_a >= 0 else 0) | (4 if bad_b >= 0 else 0)
     return r, np.int8(status)
@@ -1074,7 +1053,7 @@ def _pass_sum(a, b, t0, nb, k0, k1, scale, odd, width, f32, S):
 
 @njit(**_JIT)
 def _dot_rows(r0, r1, a, ab, b, bb, C, status, dp_p, dp_emin, dp_max, dp_sub, dp_nan,
-              dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor, out_sub, fma,
+              dp_inf, F, m_out, emin, emax, rne, sticky, denorm, min_anchor, out_sub, fma,
               promote, width, f32, out):
     """Rows r0..r1-1 of TensorCore.dot into ``out`` and ``status`` (int8, the bits of
     _dot_row_careful; 0 for an ordinary row); ``f32``: _products_f32. The measured units'
@@ -1093,21 +1072,13 @@ def _dot_rows(r0, r1, a, ab, b, bb, C, status, dp_p, dp_emin, dp_max, dp_sub, dp
         for i in range(r0, r1):
             out[i], status[i] = _dot_row_careful(
                 a[i], ab[i], b[i], bb[i], C[i], VA, EA, VB, EB, dp_p, dp_emin, dp_max, dp_sub,
-                dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
+                dp_nan, dp_inf, F, m_out, emin, emax, rne, sticky, denorm, min_anchor,
                 out_sub, fma, promote)
         return
     lo = _I32(dp_emin + 127)
     sh0 = _I32(23 - dp_p)
     odd = np.empty(_BATCH, dtype=np.int32)
-    Xp = np.empty(_BATCH, dtype=np.int32)
-    X = np.empty(_BATCH, dtype=np.int64)
-    scale = np.empty(_BATCH, dtype=np.float64)
-    S = np.empty(_BATCH, dtype=np.int64)
-    neg = np.empty(_BATCH, dtype=np.bool_)
-    q = np.empty(_BATCH, dtype=np.int64)
-    qe = np.empty(_BATCH, dtype=np.int64)
-    inf = np.empty(_BATCH, dtype=np.bool_)
-    reg = np.empty(_BATCH, dtype=np.float32)
+    Xp, X, scale, S, neg, q, qe, inf, reg = _batch_state()
     for t0 in range(r0, r1, _BATCH):
         nb = min(_BATCH, r1 - t0)
         _batch_start(nb, C, t0, promote, neg, q, qe, inf, reg)
@@ -1124,7 +1095,7 @@ def _dot_rows(r0, r1, a, ab, b, bb, C, status, dp_p, dp_emin, dp_max, dp_sub, dp
             if odd[t] != 0:
                 out[i], status[i] = _dot_row_careful(
                     a[i], ab[i], b[i], bb[i], C[i], VA, EA, VB, EB, dp_p, dp_emin, dp_max,
-                    dp_sub, dp_nan, dp_inf, p, F, m_out, emin, emax, rne, sticky, denorm,
+                    dp_sub, dp_nan, dp_inf, F, m_out, emin, emax, rne, sticky, denorm,
                     min_anchor, out_sub, fma, promote)
             else:
                 out[i] = _batch_result(t, neg, q, qe, inf, reg, promote)
@@ -1132,67 +1103,27 @@ def _dot_rows(r0, r1, a, ab, b, bb, C, status, dp_p, dp_emin, dp_max, dp_sub, dp
 
 
 @njit(**_JIT)
-def _gemm_rows(r0, r1, MA, EA, MB, EB, p, F, m_out, emin, emax, rne, sticky, denorm,
-               min_anchor, out_sub, fma, promote, width, out):
+def _gemm_rows(r0, r1, A, EA, SA, B, EB, SB, F, m_out, emin, emax, rne, sticky, denorm,
+               min_anchor, out_sub, fma, promote, width, f32, out):
     """Rows r0..r1-1 of the GEMM through the unit: ``out[i, j]`` chains row i of A with
-    row j of B. The measured units' case runs batches of columns j (independent chains),
-    chunk by chunk, each chunk taken as a slice (see _dot_rows)."""
-    N = MB.shape[0]
-    K = MA.shape[1]
+    row j of B from D_0 = +0. A, B hold the elements as ``decode_operand`` gives them, EA,
+    EB their exponents, and SA[i, c], SB[j, c] the scale exponent of each row's chunk c.
+    ``f32`` (_gemm_f32): FP32 elements, unscaled; a chunk's anchor is its unscaled one plus
+    the two scales, and its scale 1 / u times 2^(sa + sb) multiplies the unscaled FP32
+    products (exact), clamped to [2^-100, 2^100]: below, every term (< 2^34 * 2^-100)
+    truncates to 0 as it would unclamped; above is never needed. Otherwise: float64
+    elements with their scales folded in, SA = SB = 0. The measured units' case runs
+    batches of columns j (independent chains), chunk by chunk, each chunk taken as a
+    slice (see _dot_rows); other units chain each output alone."""
+    N = B.shape[0]
+    K = A.shape[1]
     if not (denorm and not sticky):
         for i in range(r0, r1):
             for j in range(N):
-                out[i, j] = _chain(MA[i], EA[i], MB[j], EB[j], 0.0, p, F, m_out, emin, emax,
-                                   rne, sticky, denorm, min_anchor, out_sub, fma, promote)
+                out[i, j] = _chain(A[i], EA[i], B[j], EB[j], 0.0, F, m_out, emin, emax, rne,
+                                   sticky, denorm, min_anchor, out_sub, fma, promote)
         return
-    Xp = np.empty(_BATCH, dtype=np.int32)
-    X = np.empty(_BATCH, dtype=np.int64)
-    scale = np.empty(_BATCH, dtype=np.float64)
-    S = np.empty(_BATCH, dtype=np.int64)
-    neg = np.empty(_BATCH, dtype=np.bool_)
-    q = np.empty(_BATCH, dtype=np.int64)
-    qe = np.empty(_BATCH, dtype=np.int64)
-    inf = np.empty(_BATCH, dtype=np.bool_)
-    reg = np.empty(_BATCH, dtype=np.float32)
-    zeros = np.zeros(_BATCH, dtype=np.float64)
-    for i in range(r0, r1):
-        for j0 in range(0, N, _BATCH):
-            nb = min(_BATCH, N - j0)
-            _batch_start(nb, zeros, 0, promote, neg, q, qe, inf, reg)
-            for k0 in range(0, K, fma):
-                k1 = min(K, k0 + fma)
-                ea = EA[i, k0:k1]
-                ma = MA[i, k0:k1]
-                for t in range(nb):
-                    Xp[t] = _anchor_denorm(ea, EB[j0 + t, k0:k1], 0, k1 - k0)
-                _batch_anchor(nb, Xp, q, qe, inf, min_anchor, F, X, scale)
-                for t in range(nb):
-                    S[t] = _sum_truncated(ma, MB[j0 + t, k0:k1], 0, k1 - k0, scale[t], width)
-                _batch_finish(nb, S, X, neg, q, qe, inf, reg, F, m_out, emin, emax, rne,
-                              out_sub, promote != 0 and (k1 % promote == 0 or k1 == K))
-            for t in range(nb):
-                out[i, j0 + t] = _batch_result(t, neg, q, qe, inf, reg, promote)
-
-
-@njit(**_JIT)
-def _gemm_rows_f32(r0, r1, A, EA, SA, B, EB, SB, p, F, m_out, emin, emax, rne, sticky,
-                   denorm, min_anchor, out_sub, fma, promote, out):
-    """_gemm_rows for _gemm_f32 operands: unscaled FP32 elements A, B with their exponents
-    EA, EB, and the scale exponent of each row's chunk c in SA[i, c], SB[j, c]. A chunk's
-    anchor is its unscaled one plus the two scales; its scale 1 / u times 2^(sa + sb)
-    multiplies the unscaled FP32 products (exact), clamped to [2^-100, 2^100]: below, every
-    term (< 2^34 * 2^-100) truncates to 0 as it would unclamped; above is never needed."""
-    N = B.shape[0]
-    K = A.shape[1]
-    Xp = np.empty(_BATCH, dtype=np.int32)
-    X = np.empty(_BATCH, dtype=np.int64)
-    scale = np.empty(_BATCH, dtype=np.float64)
-    S = np.empty(_BATCH, dtype=np.int64)
-    neg = np.empty(_BATCH, dtype=np.bool_)
-    q = np.empty(_BATCH, dtype=np.int64)
-    qe = np.empty(_BATCH, dtype=np.int64)
-    inf = np.empty(_BATCH, dtype=np.bool_)
-    reg = np.empty(_BATCH, dtype=np.float32)
+    Xp, X, scale, S, neg, q, qe, inf, reg = _batch_state()
     zeros = np.zeros(_BATCH, dtype=np.float64)
     for i in range(r0, r1):
         for j0 in range(0, N, _BATCH):
@@ -1208,12 +1139,18 @@ def _gemm_rows_f32(r0, r1, A, EA, SA, B, EB, SB, p, F, m_out, emin, emax, rne, s
                     Xp[t] = _I32(_I32(_anchor_denorm(ea, EB[j0 + t, k0:k1], 0, k1 - k0) + sa)
                                  + SB[j0 + t, c])
                 _batch_anchor(nb, Xp, q, qe, inf, min_anchor, F, X, scale)
-                for t in range(nb):
-                    s = scale[t]
-                    if s != 0.0:
-                        s *= f64_from_bits((np.int64(1023) + sa + SB[j0 + t, c]) << 52)
-                        s = min(max(s, 2.0 ** -100), 2.0 ** 100)
-                    S[t] = _sum_truncated_f32(av, B[j0 + t, k0:k1], k1 - k0, np.float32(s))
+                if f32:  # two loops: the flag inside one loop slowed the GEMM 2x
+                    for t in range(nb):
+                        s = scale[t]
+                        if s != 0.0:
+                            s *= f64_from_bits((np.int64(1023) + sa + SB[j0 + t, c]) << 52)
+                            s = min(max(s, 2.0 ** -100), 2.0 ** 100)
+                        S[t] = _sum_truncated_f32(av, B[j0 + t, k0:k1], k1 - k0,
+                                                  np.float32(s))
+                else:
+                    for t in range(nb):
+                        S[t] = _sum_truncated(av, B[j0 + t, k0:k1], 0, k1 - k0, scale[t],
+                                              width)
                 _batch_finish(nb, S, X, neg, q, qe, inf, reg, F, m_out, emin, emax, rne,
                               out_sub, promote != 0 and (k1 % promote == 0 or k1 == K))
             for t in range(nb):
@@ -1270,21 +1207,23 @@ def matmul_tensorcore(a, b, tc: TensorCore, promote_every: int | None = None) ->
     va, offa, nana = _operand_values(a, tc)
     vb, offb, nanb = _operand_values(b, tc)
     res = np.empty((M, N), dtype=np.float64)
-    if _gemm_f32(tc, a.format) and _gemm_f32(tc, b.format):
+    chunks = slice(0, K, tc.fma_size)
+    f32 = _gemm_f32(tc, a.format) and _gemm_f32(tc, b.format)
+    if f32:
         # products of the unscaled elements are exact in FP32; each chunk lies inside one
         # scale block, so its two scales fold into the chunk's anchor and scale
         MA, EA, speca = decode_operand(va, tc, None, name="a")
         MB, EB, specb = decode_operand(vb, tc, None, name="b")
-        chunks = slice(0, K, tc.fma_size)
-        _split(_gemm_rows_f32, M, MA.astype(np.float32), EA,
-               np.ascontiguousarray(offa[:, chunks], dtype=np.int32), MB.astype(np.float32),
-               EB, np.ascontiguousarray(offb[:, chunks], dtype=np.int32),
-               *_kernel_params(tc), promote, res)
+        MA, MB = MA.astype(np.float32), MB.astype(np.float32)
+        SA = np.ascontiguousarray(offa[:, chunks], dtype=np.int32)
+        SB = np.ascontiguousarray(offb[:, chunks], dtype=np.int32)
     else:
         MA, EA, speca = decode_operand(va, tc, offa, name="a")
         MB, EB, specb = decode_operand(vb, tc, offb, name="b")
-        _split(_gemm_rows, M, MA, EA, MB, EB, *_kernel_params(tc), promote, _sum_width(tc),
-               res)
+        SA = np.zeros((M, len(range(0, K, tc.fma_size))), dtype=np.int32)
+        SB = np.zeros((N, SA.shape[1]), dtype=np.int32)
+    _split(_gemm_rows, M, MA, EA, SA, MB, EB, SB, *_kernel_params(tc), promote,
+           _sum_width(tc), f32, res)
     spa = nana.any(axis=1) | speca
     spb = nanb.any(axis=1) | specb
     if spa.any() or spb.any():

@@ -55,6 +55,14 @@ def _run(tmp_path, model_dir, *extra, name="out"):
     return rc, out
 
 
+def _results(tmp_path, capsys, model_dir, *extra):
+    """``loraq report`` on ``model_dir`` (must exit 0, else its stderr is shown): the
+    parsed results.json and the output directory."""
+    rc, out = _run(tmp_path, model_dir, *extra)
+    assert rc == 0, capsys.readouterr().err
+    return json.loads((out / "results.json").read_text()), out
+
+
 def _linear_like(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_pointwise_conv(m)]
 
@@ -64,9 +72,7 @@ def test_diffusers_dir_report_every_layer(tmp_path, make, capsys):
     model = make()
     d = tmp_path / "transformer"
     model.save_pretrained(str(d), safe_serialization=True)
-    rc, out = _run(tmp_path, d)
-    assert rc == 0, capsys.readouterr().err
-    res = json.loads((out / "results.json").read_text())
+    res, out = _results(tmp_path, capsys, d)
     expected = ["model." + n for n in _linear_like(model)]
     assert res["layer_names"] == expected and len(expected) > 10
     for cfg in res["configs"].values():
@@ -140,9 +146,7 @@ def test_transformers_encoder_dir(tmp_path, capsys):
                                  num_attention_heads=2, intermediate_size=64,
                                  max_position_embeddings=64))
     model.save_pretrained(str(d), safe_serialization=True)
-    rc, out = _run(tmp_path, d, "--max-sentences", "8")
-    assert rc == 0, capsys.readouterr().err
-    res = json.loads((out / "results.json").read_text())
+    res, _ = _results(tmp_path, capsys, d, "--max-sentences", "8")
     assert res["layer_names"] == _linear_like(model)  # the pooler's dense layer included
     em = res["configs"]["W4A4"]["end_metrics"]
     assert 0.0 < em["mean_cosine"] <= 1.0 and em["min_cosine"] <= em["mean_cosine"]
@@ -161,9 +165,7 @@ def test_transformers_causal_lm_dir(tmp_path, capsys):
                                          num_key_value_heads=2, max_position_embeddings=64,
                                          pad_token_id=tok.pad_token_id))
     model.save_pretrained(str(d), safe_serialization=True)
-    rc, out = _run(tmp_path, d, "--max-sentences", "8")
-    assert rc == 0, capsys.readouterr().err
-    res = json.loads((out / "results.json").read_text())
+    res, _ = _results(tmp_path, capsys, d, "--max-sentences", "8")
     assert res["layer_names"] == _linear_like(model) and "lm_head" in res["layer_names"]
     em = res["configs"]["W4A4"]["end_metrics"]
     assert em["kl_mean"] > 0 and em["kl_max"] >= em["kl_mean"]
@@ -211,9 +213,7 @@ def test_captured_inputs_drive_the_report(tmp_path, capsys):
     path = tmp_path / "captured.safetensors"
     data = capture_inputs(model, path, loop)
     assert data["latents"].shape == (6, 4, 8, 8) and data["timesteps"].tolist() == [900] * 2 + [600] * 2 + [300] * 2
-    rc, out = _run(tmp_path, d, "--inputs", str(path))
-    assert rc == 0, capsys.readouterr().err
-    res = json.loads((out / "results.json").read_text())
+    res, _ = _results(tmp_path, capsys, d, "--inputs", str(path))
     lay = res["configs"]["W4A4"]["layers"][0]
     assert set(lay["propagated_sqnr_db_by_timestep"]) == {"900", "600", "300"}
     assert not res["settings"]["notes"]
