@@ -102,6 +102,25 @@ def test_local_cluster_bit_identical_to_serial(local_client, serial, tmp_path):
         {k: v for k, v in before.items() if k != "index.json"}
 
 
+def _worker_settings() -> dict:
+    import dask
+
+    return {"env": {k: os.environ.get(k) for k in cluster.WORKER_MALLOC},
+            "config": {k: dask.config.get(k) for k in cluster.QUIET_CONFIG}}
+
+
+def test_local_cluster_workers_keep_memory_and_quiet_housekeeping(local_client):
+    """Every worker of a LocalCluster runs with WORKER_MALLOC in its environment and
+    QUIET_CONFIG in its Dask configuration; this process's configuration is unchanged."""
+    import dask
+
+    seen = local_client.run(_worker_settings)
+    assert len(seen) == 2
+    for addr, got in seen.items():
+        assert got == {"env": cluster.WORKER_MALLOC, "config": cluster.QUIET_CONFIG}, addr
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
 def test_map_layers_errors_and_order(local_client):
     items = [("a", (4.0,)), ("b", (9.0,))]
     assert list(cluster.map_layers(math.sqrt, items)) == [("a", 2.0), ("b", 3.0)]
