@@ -344,6 +344,9 @@ def main(argv=None) -> int:
     p.add_argument("--scale-rounds", type=int, default=5,
                    help="rounds of serial then parallel runs of the large layers")
     args = p.parse_args(argv)
+    from analysis.cluster import keep_freed_memory
+
+    keep_freed_memory()  # as the loraq command does: the serial runs keep their memory
     for opt in ("scale_steps", "scale_workers", "scale_rounds"):
         if getattr(args, opt) < 1:
             p.error(f"--{opt.replace('_', '-')} {getattr(args, opt)}: give an integer >= 1")

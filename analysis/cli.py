@@ -44,6 +44,9 @@ USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, FileExistsEr
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis.cluster import keep_freed_memory
+
+    keep_freed_memory()  # serial fits keep their memory as the workers' do
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

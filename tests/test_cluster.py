@@ -61,8 +61,15 @@ def layer_files_equal(d1, d2, names):
 
 @pytest.fixture(scope="module")
 def local_client():
+    import dask
+    import distributed  # noqa: F401  (registers the distributed.* configuration)
+
+    keys = set(dask.config.get("distributed.nanny.pre-spawn-environ")) | set(cluster.WORKER_MALLOC)
+    before = {k: os.environ.get(k) for k in keys}
     with cluster.connect(workers=2) as client:
         yield client
+    # the nannies' environment variables do not stay in this process
+    assert {k: os.environ.get(k) for k in keys} == before
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +126,36 @@ def test_local_cluster_workers_keep_memory_and_quiet_housekeeping(local_client):
     for addr, got in seen.items():
         assert got == {"env": cluster.WORKER_MALLOC, "config": cluster.QUIET_CONFIG}, addr
     assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
+_REALLOC = """
+import resource, sys
+import numpy as np
+from analysis.cluster import keep_freed_memory
+if sys.argv[1] == "1":
+    assert keep_freed_memory() is True
+faults = []
+for _ in range(3):  # 40 blocks of 1 MiB, touched, then freed
+    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [np.ones(1 << 18, np.float32) for _ in range(40)]
+    del blocks
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+print(faults[1] + faults[2])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc (Linux) only")
+def test_keep_freed_memory_reuses_the_heap():
+    """After keep_freed_memory() a process reallocates freed 1 MiB blocks without page faults;
+    glibc's defaults hand them back to the kernel and fault 40 MiB in again each round."""
+    def faults(flag):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", _REALLOC, flag], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).parents[1], env=env)
+        return int(out.stdout)
+    kept, default = faults("1"), faults("0")
+    assert default > 10_000  # of the 20 480 pages of rounds 2 and 3, most fault in again
+    assert kept < default // 10
 
 
 def test_map_layers_errors_and_order(local_client):
@@ -190,6 +227,37 @@ def test_worker_killed_mid_run_same_results(local_client, tmp_path):
     for name in one:
         same_bits(one[name], two[name])
     layer_files_equal(tmp_path / "one", tmp_path / "two", one)
+    local_client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+def _in_memory_layers(dask_scheduler):
+    """key -> addresses of the workers holding the finished layer tasks' results."""
+    return {k: [w.address for w in ts.who_has] for k, ts in dask_scheduler.tasks.items()
+            if str(k).startswith("layer-") and ts.state == "memory"}
+
+
+def test_finished_result_lost_with_its_worker_is_recomputed(local_client):
+    """A task finished on a worker, whose result the client has not fetched yet, dies with
+    that worker (with the scattered input it needs, so Dask cannot recompute it): map_layers
+    sends the input again and still yields every result."""
+    items = [("a", (cluster.scatter(np.arange(3.0)),)), ("b", (cluster.scatter(np.ones(4)),))]
+    pids = local_client.run(os.getpid)
+    got, killed = {}, []
+    for name, value in cluster.map_layers(np.sum, items, client=local_client):
+        got[name] = float(value)
+        if not killed:
+            other = "b" if name == "a" else "a"
+            deadline = time.monotonic() + 30
+            while True:  # wait until the other layer's result sits on a worker
+                held = {k: w for k, w in local_client.run_on_scheduler(
+                    _in_memory_layers).items() if k.endswith("-" + other)}
+                if held or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            (addrs,) = held.values()
+            os.kill(pids[addrs[0]], signal.SIGKILL)
+            killed.append(addrs[0])
+    assert killed and got == {"a": 3.0, "b": 4.0}
     local_client.wait_for_workers(2, timeout=60)  # the nanny restarted it
 
 
