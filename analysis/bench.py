@@ -19,8 +19,8 @@
    early stop). Serial (this process) against a LocalCluster of
    ``--scale-workers`` processes: wall times, parallel efficiency
    T_serial / (workers x T_parallel) for the whole block and for the two large
-   FFN layers alone (``--scale-rounds`` rounds, each a serial run right before a
-   parallel one, with the cluster up: the best of each side, which the machine's
+   FFN layers alone (``--scale-rounds`` rounds, each a serial run, in a plain process
+   of its own, right before a parallel one: the best of each side, which the machine's
    drift disturbs least, and the median and range of the rounds' own ratios; and,
    stricter, against the serial side's optimizer time alone), bit equality of the
    files, the CPU seconds of this process and the workers (psutil; their ratio is the
@@ -28,7 +28,9 @@
    wall time), the per-layer times, Dask's per-task overhead (wall time per no-op task
    through ``map_layers``), a control without Dask (``plain_process_ceiling``: the two
    large layers fitted warm in plain processes, alone and two at once: the efficiency the
-   machine itself allows when two processes share its caches and memory), and a
+   machine itself allows when two processes share its caches and memory), the same fit
+   pinned to each CPU in turn (``cpu_speeds``: a virtual machine's CPUs need not be
+   equally fast, and one worker per CPU waits for the slowest), and a
    projection of the wall time for all of PixArt-Sigma and SANA
    (``hwsim.models``: every linear layer x blocks; SANA's depthwise conv is not
    a LoRaQ layer) at 1..64 workers: per-layer time from a least-squares fit
@@ -52,7 +54,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["bench_matrix", "pixart_block", "project_wall_time", "plain_process_ceiling", "main"]
+__all__ = ["bench_matrix", "pixart_block", "project_wall_time", "plain_process_ceiling",
+           "cpu_speeds", "main"]
 
 
 def bench_matrix(seed: int = 0, shape=(1152, 4608), outliers: int = 8,
@@ -196,6 +199,51 @@ def plain_process_ceiling(path, names, steps: int) -> tuple[dict, dict, float]:
     return alone, together, eff
 
 
+def _serial_run(path: str, out: str, kw: dict) -> tuple[float, dict]:
+    """In the benchmark's serial process: ``optimize_model`` on ``path`` in that process,
+    as ``loraq optimize`` without a cluster runs it; returns (wall seconds, metrics)."""
+    from analysis.cluster import keep_freed_memory
+    from analysis.loraq.driver import optimize_model
+
+    keep_freed_memory()  # as the loraq command does
+    t = time.perf_counter()
+    res = optimize_model(path, out, **kw)
+    return time.perf_counter() - t, res.metrics
+
+
+def _pinned_fits(path: str, name: str, steps: int, rounds: int) -> dict[int, list[float]]:
+    """In a fresh process: layer ``name`` fitted warm, pinned in turn to each CPU this
+    process may use, ``rounds`` times per CPU; cpu -> seconds."""
+    from analysis.loraq import optimize
+    from analysis.loraq.driver import read_layer
+
+    W = read_layer(path, name)
+    optimize(W, steps=steps, early_stop=False, threads=1)
+    cpus = sorted(os.sched_getaffinity(0))
+    out: dict[int, list[float]] = {c: [] for c in cpus}
+    try:
+        for _ in range(rounds):
+            for c in cpus:
+                os.sched_setaffinity(0, {c})
+                t = time.perf_counter()
+                optimize(W, steps=steps, early_stop=False, threads=1)
+                out[c].append(time.perf_counter() - t)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    return out
+
+
+def cpu_speeds(path, name: str, steps: int, rounds: int = 3) -> dict[int, list[float]]:
+    """The same warm fit pinned to each CPU in turn (``_pinned_fits`` in a fresh process):
+    on a virtual machine the CPUs need not be equally fast, and a run with one worker per
+    CPU then waits for the slowest. Empty where the OS cannot pin (not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return {}
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(1) as p:
+        return p.apply(_pinned_fits, (str(path), name, steps, rounds))
+
+
 def _load_line(when: str) -> str:
     try:
         a, b, c = os.getloadavg()
@@ -254,12 +302,21 @@ def _scale_part(steps: int, workers: int, rounds: int = 5) -> None:
                 pass
             overhead = (time.perf_counter() - t) / n_noop
             t_par, par = run("block", client, "parallel")
-            # the large pair is short and the machine's speed drifts from minute to
-            # minute: rounds of a serial run right before a parallel one
-            pairs = [(run("large", None, f"serial-large{i}"),
-                      run("large", client, f"parallel-large{i}")) for i in range(rounds)]
+            # The large pair is short and the machine's speed drifts from minute to minute:
+            # rounds of a serial run right before a parallel one. The serial runs go to a
+            # plain process of their own, warmed up like the workers, with no Dask thread
+            # in it: `loraq optimize` without a cluster (this process hosts the scheduler
+            # and the nannies).
+            import multiprocessing as mp
+            with mp.get_context("spawn").Pool(1) as serial_proc:
+                large_path = str(d / "large.safetensors")
+                serial_proc.apply(_serial_run, (large_path, str(d / "serial-warm"), kw))
+                pairs = [(serial_proc.apply(_serial_run, (large_path, str(d / f"serial-large{i}"),
+                                                          kw)),
+                          run("large", client, f"parallel-large{i}")) for i in range(rounds)]
         ceil_alone, ceil_together, ceil_eff = plain_process_ceiling(
             d / "large.safetensors", large, steps)
+        speeds = cpu_speeds(d / "large.safetensors", large[0], steps)
         same = all((d / "serial" / f"{layer_stem(n)}.safetensors").read_bytes()
                    == (d / "parallel" / f"{layer_stem(n)}.safetensors").read_bytes()
                    for n in serial)
@@ -297,6 +354,15 @@ def _scale_part(steps: int, workers: int, rounds: int = 5) -> None:
           f"efficiency on them relative to it {eff_large / ceil_eff:.2f}; the best {workers}-worker "
           f"wall against these fits alone: efficiency "
           f"{sum(ceil_alone.values()) / (workers * t_par_large):.2f}")
+    if speeds:
+        med = {c: float(np.median(v)) for c, v in speeds.items()}
+        print(f"the same fit ({large[0]}) pinned to each CPU in turn, {len(speeds[min(speeds)])} "
+              f"times each: " + "; ".join(f"CPU {c} " + ", ".join(f"{x:.2f}" for x in v)
+                                          + f" s (median {med[c]:.2f})"
+                                          for c, v in speeds.items())
+              + f": one worker per CPU waits for the slowest, efficiency at most "
+              f"{min(med.values()) / max(med.values()):.2f} against a serial run on the "
+              f"fastest")
     print(f"result files bit-identical to the serial run: {same}")
     c_ser, c_par = cpu_used["serial"], cpu_used["parallel"]
     print(f"CPU seconds (this process + workers), block: serial {c_ser:.1f} s "
