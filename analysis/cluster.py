@@ -67,15 +67,19 @@ importable on the workers (a module-level function of the toolkit). Without a
 client the calls run here, in the order of ``items``.
 
 Worker memory. A LocalCluster's worker processes start with ``WORKER_MALLOC`` in their
-environment (Dask's own default, ``MALLOC_TRIM_THRESHOLD_=65536``, makes glibc hand every
+environment. Dask's own default, ``MALLOC_TRIM_THRESHOLD_=65536``, makes glibc hand every
 freed block back to the kernel at once; each of a fit's tens-of-MB arrays then page-faults
-in afresh: 3.5x the system time and 1.3-1.8x the wall time per layer measured here,
-against the same fit in the client process). With ``WORKER_MALLOC`` a worker keeps its
-freed memory, as a long-lived Python process does, and its resident size stays at its
-peak. Workers that you start with ``dask worker`` get it from the same Dask setting in a
-configuration file (the README shows it). ``keep_freed_memory()`` applies the same two
-settings to the calling process (glibc's ``mallopt``); the ``loraq`` command and the
-benchmark call it, so that a serial run keeps its memory as the workers do.
+in afresh (3.5x the system time and 1.3-1.8x the wall time per layer measured here). Even
+with trimming off, blocks above 32 MiB (a float64 copy of a 4608 x 1152 layer) come from
+fresh pages each time, and the task thread's own glibc arena unmaps its heaps whenever
+they empty. With ``WORKER_MALLOC`` every block comes from the one main heap and freed memory
+stays there: a warm fit of the PixArt FFN layer in a task thread takes 0-10 000 page faults
+and about 0.01 s of system time instead of 22 000-26 000 and 0.12-0.73 s. The worker's
+resident size stays at its peak, as a long-lived Python process's does. Workers that you
+start with ``dask worker`` get it from the same Dask setting in a configuration file (the
+README shows it). ``keep_freed_memory()`` applies the same settings to the calling process
+(glibc's ``mallopt``); the ``loraq`` command and the benchmark call it, so that a serial
+run keeps its memory as the workers do.
 
 Quiet housekeeping. A LocalCluster is also made with ``QUIET_CONFIG``: the workers' statistical
 profiler off (it samples every task thread every 10 ms for a dashboard that a LocalCluster here
@@ -249,16 +253,25 @@ def connect(workers: int | None = None, scheduler: str | None = None, *,
 
 
 # glibc malloc in a LocalCluster's workers (see the module docstring): keep freed memory
-# (no trimming below 1 GiB of free heap) and serve blocks up to 32 MiB (the largest
-# threshold glibc's own dynamic rule reaches) from the heap, not fresh mmap pages
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+# (no trimming below 1 GiB of free heap), serve every block from the heap (no fresh mmap
+# pages: MALLOC_MMAP_MAX_=0; the threshold is the largest glibc allows, for glibc builds
+# that ignore the former), and give the task thread the main heap (MALLOC_ARENA_MAX=1: a
+# thread's own arena unmaps each of its heaps once it is empty, so every fit faulted its
+# memory in again)
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                 "MALLOC_MMAP_MAX_": "0", "MALLOC_ARENA_MAX": "1"}
+# mallopt's parameter numbers for those variables (glibc's <malloc.h>)
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_MMAP_MAX_": -4,
+            "MALLOC_ARENA_MAX": -8}
+
+
 def keep_freed_memory() -> bool:
     """Give this process ``WORKER_MALLOC``'s glibc malloc settings (``mallopt``): freed memory
-    stays in the heap (up to 1 GiB) and blocks below 32 MiB come from the heap, so a loop that
-    frees and reallocates tens-of-MB arrays does not page-fault them in afresh. Returns True
-    when both were set, False where the C library is not glibc (nothing changes there).
-    Measured on the PixArt FFN pair (4608 x 1152 and 1152 x 4608, 30 steps, warm, in one
-    process): 47 000 page faults instead of 65 000-90 000 per pair."""
+    stays in the heap (up to 1 GiB), every block comes from the heap, and threads started
+    from now on share the main heap, so a loop that frees and reallocates tens-of-MB arrays
+    does not page-fault them in afresh. Returns True when all were set, False where the C
+    library is not glibc (nothing changes there). A glibc malloc whose heap cannot grow
+    still falls back to fresh pages, so no allocation fails for these settings."""
     import ctypes
     import ctypes.util
 
@@ -270,9 +283,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(mallopt(m_trim_threshold, int(WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]))
-                and mallopt(m_mmap_threshold, int(WORKER_MALLOC["MALLOC_MMAP_THRESHOLD_"])))
+    return all([mallopt(_MALLOPT[k], int(v)) == 1 for k, v in WORKER_MALLOC.items()])
 
 
 # Dask's periodic housekeeping in a LocalCluster, made rarer (see the module docstring)
