@@ -160,9 +160,11 @@ def _noop(i: int) -> int:
 def _plain_fit(path: str, name: str, steps: int, barrier, queue) -> None:
     """In a fresh process (no Dask): read layer ``name`` from ``path``, fit it once to
     warm up, then (after ``barrier``, when given) time a second fit into ``queue``."""
+    from analysis.cluster import keep_freed_memory
     from analysis.loraq import optimize
     from analysis.loraq.driver import read_layer
 
+    keep_freed_memory()  # the workers' malloc settings: only the engine differs
     W = read_layer(path, name)
     optimize(W, steps=steps, early_stop=False, threads=1)
     if barrier is not None:
@@ -214,9 +216,11 @@ def _serial_run(path: str, out: str, kw: dict) -> tuple[float, dict]:
 def _pinned_fits(path: str, name: str, steps: int, rounds: int) -> dict[int, list[float]]:
     """In a fresh process: layer ``name`` fitted warm, pinned in turn to each CPU this
     process may use, ``rounds`` times per CPU; cpu -> seconds."""
+    from analysis.cluster import keep_freed_memory
     from analysis.loraq import optimize
     from analysis.loraq.driver import read_layer
 
+    keep_freed_memory()
     W = read_layer(path, name)
     optimize(W, steps=steps, early_stop=False, threads=1)
     cpus = sorted(os.sched_getaffinity(0))
