@@ -157,21 +157,31 @@ def _noop(i: int) -> int:
     return i
 
 
-def _plain_fit(path: str, name: str, steps: int, barrier, queue) -> None:
-    """In a fresh process (no Dask): read layer ``name`` from ``path``, fit it once to
-    warm up, then (after ``barrier``, when given) time a second fit into ``queue``."""
+def _warm_fit(path: str, name: str, steps: int):
+    """In a fresh plain process (no Dask): the workers' malloc settings, layer ``name``
+    read from ``path`` and fitted once to warm up. Returns ``fit``, a function that fits
+    it again and returns the seconds taken."""
     from analysis.cluster import keep_freed_memory
     from analysis.loraq import optimize
     from analysis.loraq.driver import read_layer
 
-    keep_freed_memory()  # the workers' malloc settings: only the engine differs
+    keep_freed_memory()  # as in the workers: only the engine differs
     W = read_layer(path, name)
-    optimize(W, steps=steps, early_stop=False, threads=1)
+
+    def fit() -> float:
+        t = time.perf_counter()
+        optimize(W, steps=steps, early_stop=False, threads=1)
+        return time.perf_counter() - t
+    fit()
+    return fit
+
+
+def _plain_fit(path: str, name: str, steps: int, barrier, queue) -> None:
+    """``_warm_fit``, then (after ``barrier``, when given) a timed fit into ``queue``."""
+    fit = _warm_fit(path, name, steps)
     if barrier is not None:
         barrier.wait()
-    t = time.perf_counter()
-    optimize(W, steps=steps, early_stop=False, threads=1)
-    queue.put((name, time.perf_counter() - t))
+    queue.put((name, fit()))
 
 
 def plain_process_ceiling(path, names, steps: int) -> tuple[dict, dict, float]:
@@ -214,24 +224,16 @@ def _serial_run(path: str, out: str, kw: dict) -> tuple[float, dict]:
 
 
 def _pinned_fits(path: str, name: str, steps: int, rounds: int) -> dict[int, list[float]]:
-    """In a fresh process: layer ``name`` fitted warm, pinned in turn to each CPU this
-    process may use, ``rounds`` times per CPU; cpu -> seconds."""
-    from analysis.cluster import keep_freed_memory
-    from analysis.loraq import optimize
-    from analysis.loraq.driver import read_layer
-
-    keep_freed_memory()
-    W = read_layer(path, name)
-    optimize(W, steps=steps, early_stop=False, threads=1)
+    """In a fresh process: layer ``name`` fitted warm (``_warm_fit``), pinned in turn to
+    each CPU this process may use, ``rounds`` times per CPU; cpu -> seconds."""
+    fit = _warm_fit(path, name, steps)
     cpus = sorted(os.sched_getaffinity(0))
     out: dict[int, list[float]] = {c: [] for c in cpus}
     try:
         for _ in range(rounds):
             for c in cpus:
                 os.sched_setaffinity(0, {c})
-                t = time.perf_counter()
-                optimize(W, steps=steps, early_stop=False, threads=1)
-                out[c].append(time.perf_counter() - t)
+                out[c].append(fit())
     finally:
         os.sched_setaffinity(0, cpus)
     return out
@@ -414,12 +416,12 @@ def main(argv=None) -> int:
     p.add_argument("--scale-rounds", type=int, default=5,
                    help="rounds of serial then parallel runs of the large layers")
     args = p.parse_args(argv)
-    from analysis.cluster import keep_freed_memory
-
-    keep_freed_memory()  # as the loraq command does: the serial runs keep their memory
     for opt in ("scale_steps", "scale_workers", "scale_rounds"):
         if getattr(args, opt) < 1:
             p.error(f"--{opt.replace('_', '-')} {getattr(args, opt)}: give an integer >= 1")
+    from analysis.cluster import keep_freed_memory
+
+    keep_freed_memory()  # as the loraq command does: the serial runs keep their memory
     if args.scale:
         _scale_part(args.scale_steps, args.scale_workers, args.scale_rounds)
         return 0

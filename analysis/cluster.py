@@ -60,7 +60,8 @@ through the scheduler: fine for small values). A task whose worker dies is rerun
 by the scheduler (up to ``distributed.scheduler.allowed-failures``, 3 by
 default, then ``ClusterError``); scattered data that died with its worker (Dask cannot recompute it)
 is sent again and its task resubmitted (up to 3 times; also when the task had finished on
-the dead worker but its result had not been fetched yet); a task that raises
+the dead worker but its result had not been fetched yet; any other task that the scheduler
+cancels is resubmitted the same way); a task that raises
 is retried ``retries`` times, then its exception
 is raised here and the remaining tasks are cancelled. ``fn`` must be pure and
 importable on the workers (a module-level function of the toolkit). Without a
@@ -283,6 +284,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # a list, not a generator: every setting is tried even if one is refused
     return all([mallopt(_MALLOPT[k], int(v)) == 1 for k, v in WORKER_MALLOC.items()])
 
 

@@ -261,6 +261,7 @@ def test_finished_result_lost_with_its_worker_is_recomputed(local_client):
                 if held or time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
+            assert len(held) == 1, f"layer {other!r} never finished on a worker: {held}"
             (addrs,) = held.values()
             os.kill(pids[addrs[0]], signal.SIGKILL)
             killed.append(addrs[0])
