@@ -4,9 +4,10 @@ Each subcommand lives in ``analysis/commands/<name>.py`` and provides
 ``register(subparsers)``, which adds its parser and sets ``func`` (a callable
 taking the parsed ``argparse.Namespace`` and returning an exit code or None).
 
-User mistakes (``ValueError``, ``TypeError``, ``FileNotFoundError``,
-``FileExistsError``, ``PermissionError``) become one line on stderr and exit
-code 2, with no traceback.
+Errors about the user's input (``analysis.errors.InputError``: the commands read their
+input inside ``reading_input()``, and the checks deeper in the work raise it on purpose)
+become one line on stderr and exit code 2, with no traceback; every other exception is a
+programming error and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("formats", "vectors", "cost", "optimize", "report", "tensorcore")
+from analysis.errors import InputError
 
-
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit code 2."""
+COMMANDS = ("formats", "vectors", "cost", "quantize", "inspect", "optimize", "report",
+            "tensorcore")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError,
-               PermissionError, IsADirectoryError, NotADirectoryError)
-
-
 def main(argv: list[str] | None = None) -> int:
     from analysis.cluster import keep_freed_memory
 
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loraq: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except InputError as exc:
         print(f"loraq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return int(rc or 0)

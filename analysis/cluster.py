@@ -107,6 +107,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from analysis.errors import InputError
+
 __all__ = ["connect", "client_from_args", "add_cluster_arguments", "map_layers", "scatter",
            "Scatter", "ClusterError", "environment", "describe", "CHECKED_PACKAGES",
            "WORKER_MALLOC", "QUIET_CONFIG", "keep_freed_memory"]
@@ -119,8 +121,9 @@ _SCHEMES = ("tcp://", "tls://")
 _MAX_RESENDS = 3  # like distributed.scheduler.allowed-failures
 
 
-class ClusterError(ValueError):
-    """The cluster cannot be used: unreachable, no workers, or mismatched workers."""
+class ClusterError(InputError):
+    """The cluster the user named cannot be used: unreachable, no workers, or mismatched
+    workers (an ``InputError``: the command prints it as one line)."""
 
 
 class Scatter:

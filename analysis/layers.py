@@ -57,7 +57,9 @@ import numfmt.torch as nft
 from numfmt.formats import BlockFormat, FloatFormat, IntFormat
 from hwsim.accumulator import element_of, worst_case_bits
 
-__all__ = ["QuantLinear", "LayerStats", "fp32_matmul", "observed_bits", "l1_bound_bits",
+from analysis.metrics import sum_squares
+
+__all__ = ["QuantLinear", "QuantConv1x1", "LayerStats", "fp32_matmul", "observed_bits", "l1_bound_bits",
            "block_len", "integer_values", "width_of", "MODES"]
 
 MODES = ("fast", "exact")
@@ -79,12 +81,6 @@ def fp32_matmul(device):
         yield
     finally:
         torch.set_float32_matmul_precision(old)
-
-
-def sum_squares(t: torch.Tensor) -> float:
-    """sum of t^2: float32 sums along the last axis, added up in float64."""
-    t = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
-    return float(torch.linalg.vector_norm(t, dim=-1).double().square().sum())
 
 
 def width_of(max_abs: float) -> int:
@@ -255,6 +251,7 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"branch shapes left {left.shape} and right {right.shape} do not "
                                  f"fit main {main.shape}")
         self.name = name
+        self.recipe = None  # the analysis.Recipe it was quantized with, when known
         self.in_features, self.out_features = in_f, out_f
         self.main_q, self.left_q, self.right_q = main, left, right
         self.main_act = _as_fmt(main_act)
@@ -426,31 +423,21 @@ class QuantLinear(nn.Module):
         return y
 
 
-def swap_linears(model: nn.Module, factory) -> dict[str, nn.Module]:
-    """Replace every ``nn.Linear`` submodule ``m`` named ``name`` by ``factory(name, m)``.
+class QuantConv1x1(QuantLinear):
+    """A simulated quantized 1 x 1 convolution: ``QuantLinear`` over channels at each pixel.
 
-    Returns ``{name: original module}`` so the swap can be undone with
-    ``restore_linears``. ``factory`` may return the original to leave it.
+    Input and output are (B, C, H, W); ``linear_rows`` takes (pixels, C) rows.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    originals = {}
-    for name in names:
-        mod = model.get_submodule(name)
-        originals[name] = mod
-        _set_submodule(model, name, factory(name, mod))
-    return originals
 
+    channels_first = True
 
-def restore_linears(model: nn.Module, originals: dict[str, nn.Module]) -> None:
-    """Undo ``swap_linears``."""
-    for name, mod in originals.items():
-        _set_submodule(model, name, mod)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"layer {self.name} is a 1x1 convolution and expects (B, C, H, W) "
+                             f"input, got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, c))
+        return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-__all__ += ["swap_linears", "restore_linears"]
+    def linear_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return super().forward(rows)

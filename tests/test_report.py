@@ -38,7 +38,7 @@ def _batches(n, seed):
 @pytest.fixture(scope="module")
 def toy_results():
     res = analyzer.analyze(Toy(), ["W4A4", "W4A4+FP16r8", "W4A4+W8A8r12"], _batches(2, 1),
-                           _batches(2, 2), steps=20)
+                           _batches(2, 2), analyzer.AnalysisOptions(steps=20))
     return report.build_results(res, {"model": "toy", "configs": list(res["configs"]), "seed": 0,
                                       "main": "mxint4", "branch": "mxint", "tokens": 128})
 
@@ -90,7 +90,7 @@ def test_user_errors(tmp_path, capsys):
     txt = tmp_path / "notes.safetensors"
     txt.write_text("hello, not a model")
     rc, _, err = _cli(["--model", str(txt)], capsys)
-    cases.append((rc, err, "not safetensors"))
+    cases.append((rc, err, "not a safetensors file"))
     pt = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2, 2)}, pt)
     rc, _, err = _cli(["--model", str(pt)], capsys)

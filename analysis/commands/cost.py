@@ -22,6 +22,7 @@ from numfmt import fileio
 from hwsim.cost import (CONFIG_GRAMMAR, DEFAULT_CONFIGS, calibration, load_cost_model,
                         model_cost, parse_config)
 from hwsim.models import get_model
+from analysis.errors import checks_input
 
 __all__ = ["register", "run", "write_atomic", "plot_costs"]
 
@@ -84,6 +85,7 @@ def _cost_model(args):
                            activation_level=args.activation_level)
 
 
+@checks_input  # the work is a function of the arguments alone: its errors are theirs
 def run(args) -> int:
     model = _cost_model(args)
     if args.calibration:

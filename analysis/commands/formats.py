@@ -16,6 +16,7 @@ import numpy as np
 
 import numfmt
 from numfmt.fileio import write_atomic
+from analysis.errors import checks_input
 
 
 def format_rows(size: int = 4096, seed: int = 0) -> list[dict]:
@@ -69,6 +70,7 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@checks_input  # the work is a function of the arguments alone: its errors are theirs
 def run(args) -> int:
     rows = format_rows(args.size, args.seed)
     print(f"Formats on a seeded standard Gaussian {args.size}x{args.size} float32 tensor "

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.errors import reading_input
+
 __all__ = ["register", "run"]
 
 
@@ -118,16 +120,17 @@ def run(args) -> int:
     from analysis.loraq.driver import METHOD_FUNCTIONS, optimize_model
     from analysis.loraq.result import METHODS
 
-    if args.method not in METHOD_FUNCTIONS:
-        raise ValueError(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
-    kw = _kwargs(args)
-    from analysis import cluster
-    if args.processes is not None:
-        if args.workers is not None:
-            raise ValueError("give --workers (--processes is its older name), not both")
-        args.workers = args.processes
-    where = cluster.client_from_args(args)  # checks the options; connects on entry
-    weights = _load(args.weights)
+    with reading_input():
+        if args.method not in METHOD_FUNCTIONS:
+            raise ValueError(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
+        kw = _kwargs(args)
+        from analysis import cluster
+        if args.processes is not None:
+            if args.workers is not None:
+                raise ValueError("give --workers (--processes is its older name), not both")
+            args.workers = args.processes
+        where = cluster.client_from_args(args)  # checks the options; connects on entry
+        weights = _load(args.weights)
     t0 = time.perf_counter()
 
     def progress(name, res, done, total):

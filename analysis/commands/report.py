@@ -19,23 +19,23 @@ directory holding a report with other settings is refused unless ``--force``
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from hwsim.cost import CONFIG_GRAMMAR
+from analysis.commands.common import (Bar, add_model_argument, add_recipe_arguments,
+                                     add_source_arguments, check_counts, check_source_ranks,
+                                     check_writable, load_source)
+from analysis.errors import checks_input
+from analysis.recipe import DEFAULT_SMOOTHING, GRAMMAR
 
 __all__ = ["register", "run", "DEFAULT_OUT", "prepare_out_dir"]
 
 DEFAULT_OUT = "out/report"
-# LoRaQ steps per layer in the report. The optimizer's own default (400) costs
-# about 10x the time for a further ~25% lower weight error; 30 keeps the main
-# job within its time budget and already beats the FP16 branch (the README, section "The main job").
-DEFAULT_STEPS = 30
 SETTINGS_VERSION = 1
 
 
@@ -47,11 +47,8 @@ def register(subparsers) -> None:
         description="Quantize every linear layer of a model for each configuration (RTN, SVDQuant "
         "FP16 branch, LoRaQ quantized branch), simulate the quantized model and report per-layer "
         "weight / activation / output error, propagated error, accumulator widths, cost and the "
-        "end metrics. Configuration grammar: " + CONFIG_GRAMMAR + "[-nosmooth]")
-    p.add_argument("--model", default="dit-digits",
-                   help="'dit-digits' (built-in diffusion transformer), 'minilm' (built-in "
-                   "all-MiniLM-L6-v2), a diffusers or transformers model directory (config.json + "
-                   "safetensors), or a .safetensors file (default: %(default)s)")
+        "end metrics. Configuration grammar: " + GRAMMAR)
+    add_model_argument(p)
     p.add_argument("--configs", default=None,
                    help="comma-separated configurations (default: the model's; dit-digits: "
                    "W4A4,W4A4+FP16,W4A4+W8A8,W4A4+W6A6,W4A4+W4A8 and the three -nosmooth; "
@@ -59,37 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an output directory that holds a report with other settings")
-    p.add_argument("--seed", type=int, default=0, help="seed of the optimizer (default: %(default)s)")
-    p.add_argument("--main", default="mxint4", help="main weight/activation format or family: "
-                   "mxint4, sint4, mxfp4 (default: %(default)s)")
-    p.add_argument("--branch", default="mxint", help="branch format family: mxint, sint, mxfp "
-                   "(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="LoRaQ optimizer steps per "
-                   "layer (default: %(default)s; the optimizer alone defaults to 400)")
-    p.add_argument("--no-smoothing", action="store_true",
-                   help="LoRaQ without the smoothing search (purely data-free); by default LoRaQ "
-                   "runs SVDQuant's smoothing first, as the paper does")
-    p.add_argument("--ref-rank", type=int, default=None,
-                   help="rank of the reference FP16 branch: FP16 configurations without r<rank> "
-                   "use it, quantized branches get its memory (default: dit-digits 8, others 32)")
-    p.add_argument("--inputs", default=None, metavar="SAFETENSORS",
-                   help="diffusers models: captured transformer inputs (keys latents, timesteps, "
-                   "encoder_hidden_states or class_labels, optional encoder_attention_mask; see "
-                   "analysis.models.capture); default: seeded Gaussian inputs")
-    p.add_argument("--timesteps", type=int, default=None,
-                   help="diffusers models without --inputs: scheduler timesteps (default 4)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="dit-digits: generated digits per configuration (default 256, at most 4096)")
-    p.add_argument("--sample-steps", type=int, default=None,
-                   help="dit-digits: DPM-Solver++ steps per sample (default 10)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="dit-digits: classifier-free guidance scale (default 1: the conditional "
-                   "prediction, one pass per step; see the README on why)")
-    p.add_argument("--sentences", default=None, metavar="JSON",
-                   help="text models: a JSON file {\"calibration\": [...], \"evaluation\": [...]} "
-                   "of sentences (default: the shipped splits)")
-    p.add_argument("--max-sentences", type=int, default=None,
-                   help="use only the first N sentences of each split")
+    add_recipe_arguments(p)
+    add_source_arguments(p)
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                    help="tokens per layer for the cost model (default: %(default)s)")
     p.add_argument("--mode", choices=("fast", "exact"), default="fast",
@@ -102,36 +70,6 @@ def register(subparsers) -> None:
     from analysis import cluster
     cluster.add_cluster_arguments(p)
     p.set_defaults(func=run)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def load_sentences(path) -> tuple[list[str], list[str]]:
-    """(calibration, evaluation) sentences from a JSON file; ValueError when malformed."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sentences file {str(p)!r} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"sentences file {str(p)!r} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or not all(k in data for k in ("calibration", "evaluation")):
-        raise ValueError(f"sentences file {str(p)!r} must be an object with 'calibration' and "
-                         "'evaluation' lists of sentences")
-    out = []
-    for split in ("calibration", "evaluation"):
-        v = data[split]
-        if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
-            raise ValueError(f"sentences file {str(p)!r}: {split!r} must be a list of non-empty "
-                             f"strings (a 1-D list), got {type(v).__name__}")
-        out.append(v)
-    if len(out[0]) < 1:
-        raise ValueError(f"sentences file {str(p)!r}: 'calibration' needs at least 1 sentence")
-    if len(out[1]) < 3:
-        raise ValueError(f"sentences file {str(p)!r}: 'evaluation' needs at least 3 sentences "
-                         "(nearest-neighbour agreement)")
-    return out[0], out[1]
 
 
 # --------------------------------------------------------------------------- output dir
@@ -194,39 +132,8 @@ def prepare_out_dir(out: Path, settings: dict, force: bool) -> str:
 # --------------------------------------------------------------------------- run
 
 
-class _Bar:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc="loraq report", unit="layer", file=sys.stderr,
-                            dynamic_ncols=True, mininterval=0.5)
-
-    def update(self, n=1):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def set_postfix_str(self, s, refresh=False):
-        if self.bar is not None:
-            self.bar.set_postfix_str(s, refresh=refresh)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _check_writable(out: Path) -> None:
-    """Refuse an output path that cannot become a directory, before any work is done."""
-    p = out
-    while not p.exists() and p.parent != p:
-        p = p.parent
-    if p.exists() and not p.is_dir():
-        raise PermissionError(f"output directory {str(out)!r} cannot be written: "
-                              f"{str(p)!r} is a file")
-
-
 def _hash_file(path) -> str | None:
-    from analysis.models.base import file_sha256
+    from analysis.files import file_sha256
 
     return None if path is None else file_sha256(path)
 
@@ -235,67 +142,23 @@ def run(args) -> int:
     import torch
 
     from analysis import analyzer, report
-    from analysis.models import resolve
+    from analysis.store import LayerStore
 
     t0 = time.perf_counter()
-    for name in ("steps", "max_sentences", "tokens", "ref_rank", "timesteps", "sample_steps"):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={v} must be >= 1")
-    if args.configs:  # checked before any model is loaded
-        analyzer.parse_configs(args.configs, main=args.main, branch=args.branch)
-    _check_writable(Path(args.out))
-    if args.device is not None:
-        import numfmt.torch as nft
-        nft.check_device(args.device)  # one line and exit 2 when, e.g., CUDA is absent
-    from analysis import cluster
-    where = cluster.client_from_args(args)  # options checked now; connects on entry
-    sentences = None
-    if args.sentences is not None:
-        if args.model in ("dit-digits",):
-            raise ValueError("--sentences applies to text models only")
-        sentences = load_sentences(args.sentences)
-    src = resolve(args.model, inputs=args.inputs, samples=args.samples,
-                  sample_steps=args.sample_steps, max_sentences=args.max_sentences,
-                  sentences=sentences, timesteps=args.timesteps, guidance=args.guidance)
-    configs = args.configs or ",".join(src.default_configs or analyzer.DEFAULT_CONFIGS)
-    cfgs = analyzer.parse_configs(configs, main=args.main, branch=args.branch)
-    cfg_names = [c.name for c in cfgs]
-    ref_rank = args.ref_rank or src.ref_rank
-    settings = {
-        "version": SETTINGS_VERSION, "model": src.name, "model_kind": src.kind,
-        "model_fingerprint": src.fingerprint, "configs": cfg_names, "seed": args.seed,
-        "main": args.main, "branch": args.branch, "steps": args.steps,
-        "max_sentences": args.max_sentences, "tokens": args.tokens, "mode": args.mode,
-        "svdquant_grid": [list(g) for g in analyzer.SVDQUANT_GRID],
-        "smoothing": not args.no_smoothing, "ref_rank": ref_rank,
-        "inputs": _hash_file(args.inputs), "timesteps": args.timesteps, "device": args.device,
-        "sentences": None if sentences is None else hashlib.sha256(
-            json.dumps(sentences).encode()).hexdigest(),
-    }
-    for k in ("samples", "sample_steps", "guidance"):
-        if k in src.extra:
-            settings[k] = src.extra[k]
+    src, cfgs, opts, settings, status, where = _read_input(args)
     out = Path(args.out)
-    status = prepare_out_dir(out, settings, args.force)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     cache_dir = out / "cache"
-
-    kw = dict(main=args.main, branch=args.branch, seed=args.seed, steps=args.steps,
-              tokens=args.tokens, cache_dir=cache_dir, cache_key=key, ref_rank=ref_rank)
     counts = _CacheCounter(cache_dir)
-    bar = _Bar(len(cfgs) * (len(src.layers) + 1), not args.no_progress)
+    bar = Bar(len(cfgs) * (len(src.layers) + 1), not args.no_progress)
     try:
         with where as client:
+            opts = dataclasses.replace(opts, store=LayerStore(cache_dir, key), progress=bar,
+                                       client=client)
             if src.module is not None:
-                res = analyzer.analyze(src.module, cfgs, src.calibration, src.evaluation,
-                                       mode=args.mode, progress=bar, layers=src.layers,
-                                       groups=src.groups, end_metric=src.end_metric,
-                                       smoothing=not args.no_smoothing, client=client,
-                                       device=args.device, **kw)
+                res = analyzer.analyze(src.module, cfgs, src.calibration, src.evaluation, opts)
             else:
-                res = analyzer.analyze_weights(src.weights, cfgs, progress=bar, client=client,
-                                               **kw)
+                res = analyzer.analyze_weights(src.weights, cfgs, opts)
     finally:
         bar.close()
     settings_out = dict(settings, calibration=src.calibration_desc,
@@ -312,6 +175,50 @@ def run(args) -> int:
     paths = report.write_report(results, out, run_info)
     _print_summary(results, paths, run_info)
     return 0
+
+
+@checks_input
+def _read_input(args):
+    """Everything the run needs from the user, checked before any work: (source, recipes,
+    analysis options, settings, the output directory's status, the cluster)."""
+    from analysis import analyzer, cluster
+
+    check_counts(args)
+    if args.configs:  # checked before any model is loaded
+        analyzer.recipes_for(args.configs, analyzer.AnalysisOptions(main=args.main,
+                                                                    branch=args.branch))
+    check_writable(Path(args.out))
+    if args.device is not None:
+        import numfmt.torch as nft
+        nft.check_device(args.device)  # one line and exit 2 when, e.g., CUDA is absent
+    where = cluster.client_from_args(args)  # options checked now; connects on entry
+    src, sentences = load_source(args)
+    configs = args.configs or ",".join(src.default_configs or analyzer.DEFAULT_CONFIGS)
+    ref_rank = args.ref_rank or src.ref_rank
+    opts = analyzer.AnalysisOptions(main=args.main, branch=args.branch, steps=args.steps,
+                                    ref_rank=ref_rank, seed=args.seed,
+                                    smoothing=not args.no_smoothing, tokens=args.tokens,
+                                    mode=args.mode, layers=src.layers, groups=src.groups,
+                                    end_metric=src.end_metric, device=args.device)
+    cfgs = analyzer.recipes_for(configs, opts)
+    check_source_ranks(src, cfgs)
+    cfg_names = [c.name for c in cfgs]
+    settings = {
+        "version": SETTINGS_VERSION, "model": src.name, "model_kind": src.kind,
+        "model_fingerprint": src.fingerprint, "configs": cfg_names, "seed": args.seed,
+        "main": args.main, "branch": args.branch, "steps": args.steps,
+        "max_sentences": args.max_sentences, "tokens": args.tokens, "mode": args.mode,
+        "svdquant_grid": [list(DEFAULT_SMOOTHING.alphas), list(DEFAULT_SMOOTHING.betas)],
+        "smoothing": not args.no_smoothing, "ref_rank": ref_rank,
+        "inputs": _hash_file(args.inputs), "timesteps": args.timesteps, "device": args.device,
+        "sentences": None if sentences is None else hashlib.sha256(
+            json.dumps(sentences).encode()).hexdigest(),
+    }
+    for k in ("samples", "sample_steps", "guidance"):
+        if k in src.extra:
+            settings[k] = src.extra[k]
+    status = prepare_out_dir(Path(args.out), settings, args.force)
+    return src, cfgs, opts, settings, status, where
 
 
 class _CacheCounter:

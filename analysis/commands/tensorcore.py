@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from numfmt.fileio import write_atomic
+from analysis.errors import checks_input
 
 DEFAULT_KS = tuple(32 << i for i in range(10))  # 32 .. 16384
 
@@ -161,6 +162,7 @@ def plot_png(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+@checks_input  # the work is a function of the arguments alone: its errors are theirs
 def run(args) -> int:
     ks = _positive_int_list(args.k)
     gpus = args.gpus.split(",") if args.gpus else None

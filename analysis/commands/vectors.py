@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from hwsim.gemm import ACC_ROUNDINGS, OVERFLOWS, Accumulator, FloatAcc
 from hwsim.vectors import CASE_NAMES, write_vectors
+from analysis.errors import checks_input
 
 __all__ = ["register", "run"]
 
@@ -46,6 +47,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+@checks_input  # the work is a function of the arguments alone: its errors are theirs
 def run(args) -> int:
     acc = Accumulator(args.acc_bits, args.overflow)
     ib = FloatAcc(args.mantissa_bits, args.rounding, args.promote_every)

@@ -179,6 +179,7 @@ def smoothing_search(W, X, alphas, betas, fit):
     return best[1], best[2], best[3]
 
 
+@with_threads
 def svdquant(W, *, main: str = "mxint4", branch: str = "fp16", rank: int = 32,
              refine_iters: int = 0, activations=None, alpha_grid=ALPHA_GRID,
              beta_grid=BETA_GRID) -> LoRaQResult:

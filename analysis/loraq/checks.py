@@ -1,4 +1,7 @@
-"""Input checks shared by the optimizer, the baselines and the driver (all run before any work)."""
+"""Input checks shared by the optimizer, the baselines and the driver (all run before any work).
+
+Their errors are ``analysis.errors.InputError`` (of the kind raised: ValueError, TypeError).
+"""
 from __future__ import annotations
 
 import numbers
@@ -7,12 +10,15 @@ import numpy as np
 
 import numfmt
 
+from analysis.errors import checks_input
+
 __all__ = ["as_weight", "check_format", "check_rank", "as_activations", "check_int",
            "check_float", "ROTATIONS"]
 
 ROTATIONS = ("learned", "identity", "hadamard")
 
 
+@checks_input
 def as_weight(W, what: str = "W", min_rows: int = 2) -> np.ndarray:
     """W as a finite 2-D float64 array (numpy array or torch tensor of any float dtype)."""
     if hasattr(W, "detach") and hasattr(W, "cpu"):  # a torch tensor, without importing torch
@@ -42,6 +48,7 @@ def as_weight(W, what: str = "W", min_rows: int = 2) -> np.ndarray:
     return W
 
 
+@checks_input
 def check_format(fmt, what: str, allow_none: bool = False) -> str:
     """A registered numfmt format name (ValueError naming the value otherwise)."""
     if fmt is None and allow_none:
@@ -55,6 +62,7 @@ def check_format(fmt, what: str, allow_none: bool = False) -> str:
     return f.name
 
 
+@checks_input
 def check_int(value, what: str, lo: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an int, got {value!r}")
@@ -64,6 +72,7 @@ def check_int(value, what: str, lo: int | None = None) -> int:
     return value
 
 
+@checks_input
 def check_float(value, what: str, positive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number, got {value!r}")
@@ -73,6 +82,7 @@ def check_float(value, what: str, positive: bool = True) -> float:
     return value
 
 
+@checks_input
 def check_rank(rank, shape, what: str = "rank") -> int:
     """1 <= rank < min(out, in)."""
     rank = check_int(rank, what)
@@ -83,6 +93,7 @@ def check_rank(rank, shape, what: str = "rank") -> int:
     return rank
 
 
+@checks_input
 def as_activations(X, n_in: int) -> np.ndarray | None:
     """Activations X (n x in) as finite float64; None passes through."""
     if X is None:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.errors import InputError
 from analysis.loraq import baselines
 from analysis.loraq.checks import as_weight, check_int
 from analysis.loraq.optimizer import optimize
@@ -65,7 +66,7 @@ METHOD_FUNCTIONS: dict[str, Callable] = {
 
 def _check_method(method) -> Callable:
     if method not in METHOD_FUNCTIONS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+        raise InputError(f"method={method!r} is not one of {METHODS}")
     return METHOD_FUNCTIONS[method]
 
 
@@ -129,7 +130,7 @@ def file_layers(path) -> dict[str, tuple[int, int]]:
                     out[name] = shape
             return out
     except SafetensorError as exc:
-        raise ValueError(f"{str(p)!r} is not a readable safetensors file: {exc}") from None
+        raise InputError(f"{str(p)!r} is not a readable safetensors file: {exc}") from None
 
 
 def read_layer(path, name: str) -> np.ndarray:
@@ -228,7 +229,7 @@ def optimize_model(weights, out_dir, *, method: str = "loraq", client=None,
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights)
         if path.suffix != ".safetensors":
-            raise ValueError(f"weights={str(path)!r} must be a .safetensors file or a mapping "
+            raise InputError(f"weights={str(path)!r} must be a .safetensors file or a mapping "
                              f"name -> array")
         shapes = file_layers(path)
         todo = dict.fromkeys(shapes)
@@ -244,7 +245,7 @@ def optimize_model(weights, out_dir, *, method: str = "loraq", client=None,
         raise TypeError(f"weights must be a mapping name -> array or a .safetensors path, got "
                         f"{type(weights).__name__}")
     if not todo:
-        raise ValueError("weights has no 2-D arrays to quantize")
+        raise InputError("weights has no 2-D arrays to quantize")
     for name in todo:
         layer_stem(name)  # names must be non-empty strings
     acts = kwargs.pop("activations", None)
@@ -254,7 +255,7 @@ def optimize_model(weights, out_dir, *, method: str = "loraq", client=None,
                             f"(n x in) array, got {type(acts).__name__}")
         unknown = sorted(set(acts) - set(todo))
         if unknown:
-            raise ValueError(f"activations given for unknown layers {unknown[:5]}")
+            raise InputError(f"activations given for unknown layers {unknown[:5]}")
         from analysis.loraq.checks import as_activations
         acts = {k: as_activations(v, shapes[k][1]) for k, v in acts.items()}
     stems = {name: layer_stem(name) for name in todo}
@@ -293,7 +294,7 @@ def optimize_model(weights, out_dir, *, method: str = "loraq", client=None,
             if not overwrite:
                 diff = sorted(k for k in set(request) | set(stored or {})
                               if (stored or {}).get(k) != request.get(k))
-                raise ValueError(f"{str(stem)!r} holds layer {name!r} computed with a different "
+                raise InputError(f"{str(stem)!r} holds layer {name!r} computed with a different "
                                  f"config (differs in {diff}); use overwrite=True (--overwrite) "
                                  f"or another output folder")
         if path is None:

@@ -16,7 +16,9 @@ A ``ModelSource`` supplies five things, and the analyzer uses nothing else:
   once on the full-precision module, ``measure(module, q_outputs, ref)`` on the
   same module with its layers swapped for simulated quantized ones; both get
   the module's outputs on the evaluation batches (a list of tensors, one per
-  batch).
+  batch);
+* ``artifact``: the submodule a quantized checkpoint holds (a diffusers transformer
+  inside a wrapper), or "" for the module itself.
 
 A batch is a tensor (one positional input), a tuple (positional inputs) or a
 dict (keyword inputs; an ``attention_mask`` (B, T) restricts token statistics
@@ -32,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["file_sha256", "ModelSource", "EndMetric", "OutputCosine", "OutputSQNR", "NextTokenKL",
+from analysis.metrics import db, output_cosine
+
+__all__ = ["ModelSource", "EndMetric", "OutputCosine", "OutputSQNR", "NextTokenKL",
            "quantizable_layers", "is_pointwise_conv", "layer_weight"]
 
 
@@ -82,9 +86,7 @@ class OutputCosine(EndMetric):
         return np.concatenate(rows)
 
     def measure(self, module, q_outputs, ref) -> dict:
-        from analysis.analyzer import end_metrics
-
-        out = end_metrics(self._stack(ref), self._stack(q_outputs))
+        out = output_cosine(self._stack(ref), self._stack(q_outputs))
         if self.per_token:
             out["top1_agreement"] = None
         return out
@@ -108,9 +110,6 @@ class OutputSQNR(EndMetric):
             r64, q64 = r.detach().to(torch.float64), q.detach().to(torch.float64)
             sig[g] = sig.get(g, 0.0) + float(r64.square().sum())
             noi[g] = noi.get(g, 0.0) + float((r64 - q64).square().sum())
-
-        def db(s, n):
-            return math.inf if n == 0 else (-math.inf if s == 0 else 10 * math.log10(s / n))
 
         per = {str(g): db(sig[g], noi[g]) for g in sig}
         finite = [v for v in per.values() if math.isfinite(v)]
@@ -142,17 +141,6 @@ class NextTokenKL(EndMetric):
         k = np.concatenate(kls)
         return {"kl_mean": float(k.mean()), "kl_max": float(k.max()),
                 "top1_agreement": float(np.concatenate(agree).mean()), "n": int(k.size)}
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a file's bytes, hex (read in 4 MiB chunks)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_pointwise_conv(m: nn.Module) -> bool:
@@ -227,3 +215,6 @@ class ModelSource:
     ref_rank: int = 32
     default_configs: tuple = ()
     extra: dict = field(default_factory=dict)
+    # the submodule that is the model a user takes away (``loraq quantize`` saves it):
+    # "" for the module itself; "transformer" when the module wraps a diffusers transformer
+    artifact: str = ""

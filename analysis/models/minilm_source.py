@@ -1,16 +1,36 @@
 """The built-in all-MiniLM-L6-v2 as a model source (sentence embeddings, output cosine)."""
 from __future__ import annotations
 
-from analysis.models.base import ModelSource, OutputCosine, file_sha256, quantizable_layers
+from analysis.files import file_sha256
+from analysis.models.base import ModelSource, OutputCosine, quantizable_layers
 
-__all__ = ["minilm_source"]
+__all__ = ["minilm_source", "minilm_inputs"]
+
+
+def minilm_inputs(max_sentences: int | None = None, batch_size: int = 16) -> tuple[list, list]:
+    """Tokenized calibration and evaluation batches of the shipped sentences.
+
+    ``max_sentences`` keeps the first n of each split (even n for evaluation,
+    so paraphrase pairs stay whole).
+    """
+    from analysis import minilm
+
+    tok = minilm.tokenizer()
+
+    def batches(split, n):
+        s = minilm.sentences(split)
+        if n is not None:
+            s = s[:n]
+        return [minilm.tokenize(s[i:i + batch_size], tok=tok) for i in range(0, len(s), batch_size)]
+
+    n_eval = None if max_sentences is None else max(4, max_sentences - max_sentences % 2)
+    return batches("calibration", max_sentences), batches("evaluation", n_eval)
 
 
 def minilm_source(max_sentences: int | None = None, sentences=None, path=None) -> ModelSource:
     """The encoder (transformers' BertModel, package directory or ``path``), the shipped
     sentence splits (or ``sentences`` = (calibration, evaluation)), output cosine."""
     from analysis import minilm
-    from analysis.analyzer import minilm_inputs
 
     model = minilm.MiniLM.from_pretrained(path)
     if sentences is None:

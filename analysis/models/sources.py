@@ -22,18 +22,17 @@ safetensors file. ``resolve(spec, ...)`` picks one; each returns a ``ModelSource
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from analysis.files import PICKLE_SUFFIXES, arrays_sha256, dir_sha256, require_safetensors
 from analysis.models.base import (ModelSource, NextTokenKL, OutputCosine, OutputSQNR,
                                   quantizable_layers)
 
-__all__ = ["resolve", "DIFFUSERS_CLASSES", "INPUT_KEYS", "BUILTIN", "load_inputs",
-           "dir_fingerprint"]
+__all__ = ["resolve", "DIFFUSERS_CLASSES", "INPUT_KEYS", "BUILTIN", "load_inputs"]
 
 BUILTIN = ("dit-digits", "minilm")
 DIFFUSERS_CLASSES = ("PixArtTransformer2DModel", "SanaTransformer2DModel", "DiTTransformer2DModel")
@@ -46,21 +45,8 @@ INPUT_KEYS = {
     "encoder_attention_mask": "(N, L) 0/1, optional (PixArt, SANA)",
     "class_labels": "(N,) int: class ids (DiT)",
 }
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_TIMESTEPS = 4
 DEFAULT_SAMPLES = 4
-
-
-def dir_fingerprint(directory: Path) -> str:
-    """SHA-256 over the names and bytes of config.json and every .safetensors file."""
-    h = hashlib.sha256()
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"):
-            h.update(str(p.relative_to(directory)).encode())
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve(spec: str, *, inputs: str | None = None, samples: int | None = None,
@@ -157,19 +143,14 @@ def _check_safetensors(directory: Path) -> None:
 
 def _weights_source(path: Path, spec: str, max_sentences, sentences) -> ModelSource:
     from analysis import minilm
-    from analysis.analyzer import fingerprint
 
     if not path.is_file():
         raise ValueError(f"model path {spec!r} is not a file or a model directory")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not minilm._is_safetensors(path):
-        if head == b"PK\x03\x04" or head[:1] == b"\x80":
-            raise ValueError(f"refusing {spec!r}: it is a pickled (torch) checkpoint, and "
-                             "unpickling can run arbitrary code; convert it to .safetensors "
-                             "(safetensors.torch.save_file(state_dict, 'model.safetensors'))")
-        raise ValueError(f"model file {spec!r} is not safetensors (no valid safetensors header); "
-                         f"allowed: {', '.join(BUILTIN)}, a model directory or a .safetensors file")
+    try:
+        require_safetensors(path, "model file")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; allowed: {', '.join(BUILTIN)}, a model directory or a "
+                         ".safetensors file") from None
     weights = minilm.load_weights(path)
     try:
         minilm.MiniLM().load_weights(weights, source=spec)
@@ -180,12 +161,12 @@ def _weights_source(path: Path, spec: str, max_sentences, sentences) -> ModelSou
         mats = {k: v for k, v in weights.items() if getattr(v, "ndim", 0) == 2
                 and np.issubdtype(v.dtype, np.floating)}
         return ModelSource(name=f"{spec} (weights only)", kind="weights",
-                           fingerprint=fingerprint(weights), weights=mats,
+                           fingerprint=arrays_sha256(weights), weights=mats,
                            layers=list(mats))
     from analysis.models.minilm_source import minilm_source
     src = minilm_source(max_sentences=max_sentences, sentences=sentences, path=path)
     src.name = f"all-MiniLM-L6-v2 weights from {spec}"
-    src.fingerprint = fingerprint(weights)
+    src.fingerprint = arrays_sha256(weights)
     return src
 
 
@@ -371,11 +352,11 @@ def _diffusers_source(path: Path, cls: str, cfg: dict, inputs, timesteps, seed) 
     wrapped = _Wrapped(model, cls, cfg).eval()
     names, skipped = quantizable_layers(wrapped)
     return ModelSource(
-        name=f"{cls} from {path}", kind="diffusers", fingerprint=dir_fingerprint(path),
+        name=f"{cls} from {path}", kind="diffusers", fingerprint=dir_sha256(path),
         module=wrapped, layers=names, skipped=skipped, calibration=cal_b, evaluation=ev_b,
         groups=groups, end_metric=OutputSQNR(groups), notes=notes,
         calibration_desc=cal_desc, evaluation_desc=ev_desc,
-        extra={"inputs": desc})
+        extra={"inputs": desc}, artifact="model")
 
 
 # --------------------------------------------------------------------------- transformers
@@ -422,7 +403,7 @@ def _transformers_source(path: Path, cfg: dict, max_sentences, sentences) -> Mod
     metric = NextTokenKL(masks) if causal else OutputCosine(per_token=True, masks=masks)
     return ModelSource(
         name=f"{type(model).__name__} ({cfg.get('model_type')}) from {path}",
-        kind="transformers", fingerprint=dir_fingerprint(path), module=model, layers=names,
+        kind="transformers", fingerprint=dir_sha256(path), module=model, layers=names,
         skipped=skipped, calibration=cal_b, evaluation=ev_b, end_metric=metric,
         calibration_desc=f"{len(cal_s)} sentences", evaluation_desc=f"{len(ev_s)} sentences",
         extra={"causal_lm": causal})

@@ -17,7 +17,7 @@ import hashlib
 
 import torch
 
-from analysis.models import metrics
+from analysis import metrics
 from analysis.models.base import EndMetric, ModelSource, quantizable_layers
 from analysis.models.dit_digits import core
 
@@ -142,6 +142,6 @@ def dit_digits_source(samples: int | None = None, sample_steps: int | None = Non
                           f"guidance {g})"),
         evaluation_desc=(f"the sampling trajectories of {EVAL_SAMPLES} other digits at "
                          f"{len(set(groups))} timesteps"),
-        ref_rank=REF_RANK, default_configs=DEFAULT_CONFIGS,
+        ref_rank=REF_RANK, default_configs=DEFAULT_CONFIGS, artifact="transformer",
         extra={"samples": n, "sample_steps": steps, "guidance": g,
                "train_info": {k: info.get(k) for k in ("steps_done", "seed", "eval")}})

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from analysis.models.dit_digits import core
-from analysis.models import metrics
+from analysis import metrics
 
 CLF_EPOCHS = 30
 

@@ -1,6 +1,12 @@
-"""Generation metrics: Frechet distance, class accuracy, PSNR and feature distance.
+"""Metrics: SQNR, output cosine, generation metrics, and content hashes (one home each).
 
-All take NumPy or torch arrays and return Python floats.
+* ``sum_squares(t)``: sum of t^2 (float32 sums along the last axis, added in float64);
+* ``sqnr_db(ref, test)`` = 10 log10(sum ref^2 / sum (ref - test)^2) in dB; +inf when
+  equal, -inf for a zero reference; ``db(signal, noise)`` the same from two sums;
+* ``output_cosine(fp, q)``: cosine of two (N, d) output sets row by row (mean / min) and
+  top-1 nearest-neighbour agreement;
+
+Generation metrics (NumPy or torch arrays in, Python floats out):
 
 * ``frechet_distance(f1, f2)``: the FID recipe on two feature sets (N x d)::
 
@@ -20,8 +26,63 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-__all__ = ["frechet_distance", "psnr_db", "feature_distance", "class_accuracy"]
+__all__ = ["sum_squares", "sqnr_db", "db", "output_cosine", "frechet_distance", "psnr_db", "feature_distance", "class_accuracy"]
+
+
+def sum_squares(t: torch.Tensor) -> float:
+    """sum of t^2: float32 sums along the last axis, added up in float64."""
+    t = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
+    return float(torch.linalg.vector_norm(t, dim=-1).double().square().sum())
+
+
+def db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB: +inf for zero noise, -inf for a zero signal."""
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_db(ref, test) -> float:
+    """10 log10(sum ref^2 / sum (ref - test)^2) in dB (float32 rows, float64 sums)."""
+    r = torch.as_tensor(ref).to(torch.float32)
+    t = torch.as_tensor(test).to(torch.float32)
+    return db(sum_squares(r), sum_squares(r - t))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(n > 0, n, 1.0)
+
+
+def output_cosine(fp, q) -> dict:
+    """Cosine similarity and top-1 nearest-neighbour agreement of two (N, d) output sets.
+
+    ``mean_cosine`` / ``min_cosine`` of cos(fp_i, q_i); ``top1_agreement``: the
+    fraction of i whose nearest neighbour argmax_{j != i} cos(x_i, x_j) is the
+    same j in q as in fp (None for fewer than 3 rows).
+    """
+    a = np.asarray(fp, dtype=np.float64).reshape(len(fp), -1)
+    b = np.asarray(q, dtype=np.float64).reshape(len(q), -1)
+    if a.shape != b.shape:
+        raise ValueError(f"output shapes differ: {a.shape} and {b.shape}")
+
+    ua, ub = _unit(a), _unit(b)
+    cos = np.sum(ua * ub, axis=1)
+    out = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "top1_agreement": None,
+           "n": int(len(a))}
+    if len(a) >= 3:
+        def nn_index(u):
+            s = u @ u.T
+            np.fill_diagonal(s, -np.inf)
+            return np.argmax(s, axis=1)
+
+        out["top1_agreement"] = float(np.mean(nn_index(ua) == nn_index(ub)))
+    return out
 
 
 def _as2d(f, name: str) -> np.ndarray:
@@ -69,12 +130,7 @@ def feature_distance(f_ref, f_test) -> float:
     a, b = _as2d(f_ref, "f_ref"), _as2d(f_test, "f_test")
     if a.shape != b.shape:
         raise ValueError(f"feature shapes differ: {a.shape} and {b.shape}")
-
-    def unit(x):
-        n = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.where(n > 0, n, 1.0)
-
-    return float(np.mean(np.linalg.norm(unit(a) - unit(b), axis=1)))
+    return float(np.mean(np.linalg.norm(_unit(a) - _unit(b), axis=1)))
 
 
 def class_accuracy(logits, labels) -> float:
