@@ -54,18 +54,18 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
     W = np.ascontiguousarray(W, dtype=np.float32)
     main = recipe.main_weight
     if recipe.method == "none":
-        return loraq.rtn(W, main=main)
+        return loraq.METHOD_FUNCTIONS["rtn"](W, main=main)
     sm = recipe.smoothing
     acts = activations if sm is not None else None
     grid = sm or DEFAULT_SMOOTHING
     rank = fp16_rank(recipe, W.shape)
     if recipe.method == "svdquant":
-        return loraq.svdquant(W, main=main, rank=rank, activations=acts,
-                              alpha_grid=grid.alphas, beta_grid=grid.betas)
+        return loraq.METHOD_FUNCTIONS["svdquant"](W, main=main, rank=rank, activations=acts,
+                                                  alpha_grid=grid.alphas, beta_grid=grid.betas)
     branch = recipe.branch_weight
     if recipe.method != "loraq":
-        fn = getattr(loraq, recipe.method)
-        return fn(W, main=main, branch=branch, rank=recipe.rank, ref_rank=recipe.ref_rank)
+        return loraq.METHOD_FUNCTIONS[recipe.method](W, main=main, branch=branch,
+                                                     rank=recipe.rank, ref_rank=recipe.ref_rank)
     kw = {} if recipe.steps is None else {"steps": recipe.steps, "schedule": "cosine"}
     if recipe.lr is not None:
         kw["lr"] = recipe.lr
@@ -73,8 +73,8 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
         kw["device"] = device
 
     def run(Ws):
-        return loraq.optimize(Ws, main=main, branch=branch, rank=recipe.rank, seed=recipe.seed,
-                              ref_rank=recipe.ref_rank, **kw)
+        return loraq.METHOD_FUNCTIONS["loraq"](Ws, main=main, branch=branch, rank=recipe.rank,
+                                               seed=recipe.seed, ref_rank=recipe.ref_rank, **kw)
 
     if acts is None:
         return run(W)

@@ -54,13 +54,12 @@ from torch import nn
 
 import numfmt
 import numfmt.torch as nft
-from numfmt.formats import BlockFormat, FloatFormat, IntFormat
-from hwsim.accumulator import element_of, worst_case_bits
+from numfmt.formats import FloatFormat
+from hwsim.accumulator import block_length, l1_bound_bits, observed_bits, worst_case_bits
 
 from analysis.metrics import sum_squares
 
-__all__ = ["QuantLinear", "QuantConv1x1", "LayerStats", "fp32_matmul", "observed_bits", "l1_bound_bits",
-           "block_len", "integer_values", "width_of", "MODES"]
+__all__ = ["QuantLinear", "QuantConv1x1", "LayerStats", "fp32_matmul", "MODES"]
 
 MODES = ("fast", "exact")
 
@@ -81,99 +80,6 @@ def fp32_matmul(device):
         yield
     finally:
         torch.set_float32_matmul_precision(old)
-
-
-def width_of(max_abs: float) -> int:
-    """Signed accumulator bits that hold integers up to ``max_abs``: ceil(log2(max_abs + 1)) + 1."""
-    return int(math.ceil(math.log2(float(max_abs) + 1.0))) + 1
-
-
-def block_len(a_fmt, b_fmt, k: int) -> int:
-    """Length of one in-block integer dot product of two formats along K.
-
-    The gcd of the operands' block sizes (a format without per-block scales
-    spans all of K); K when neither has blocks.
-    """
-    sizes = []
-    for f in (a_fmt, b_fmt):
-        f = numfmt.get(f)
-        if isinstance(f, BlockFormat) and f.block_size is not None:
-            sizes.append(f.block_size)
-    return min(math.gcd(*sizes), k) if sizes else k
-
-
-def _quantum(elem) -> float:
-    return 1.0 if isinstance(elem, IntFormat) else float(elem.min_subnormal)
-
-
-def integer_values(q) -> np.ndarray:
-    """Element values of a QTensor in units of its element quantum (exact integers, float64).
-
-    Integer elements give their signed value; float elements their value divided
-    by the smallest subnormal, which every element value is a multiple of.
-    """
-    elem = element_of(q.format)
-    table = numfmt.decode_table(elem)
-    vals = table[q.codes.astype(np.int64)]
-    vals = np.where(np.isfinite(vals), vals, 0.0)
-    return vals / _quantum(elem)
-
-
-def observed_bits(a, b) -> int:
-    """Accumulator bits the in-block integer sums of ``a @ b.T`` actually need.
-
-    ``a`` (M x K) and ``b`` (N x K) are QTensors quantized along K (axis 1).
-    Every block of ``block_len`` products is summed exactly in product-quantum
-    units; returns ``width_of(max |block sum|)`` (2 for all-zero data).
-    """
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a is {a.shape} and b is {b.shape}; their K (axis 1) must agree")
-    K = a.shape[1]
-    B = block_len(a.format, b.format, K)
-    av, bv = integer_values(a), integer_values(b)
-    # float32 holds the block sums exactly while the worst case fits in 24 bits.
-    exact32 = worst_case_bits(a.format, b.format, B) <= 24
-    dt = torch.float32 if exact32 else torch.float64
-    M, N = av.shape[0], bv.shape[0]
-    nb = -(-K // B)
-    pad = nb * B - K
-    if pad:  # zero products in a partial last block change no sum
-        av = np.pad(av, ((0, 0), (0, pad)))
-        bv = np.pad(bv, ((0, 0), (0, pad)))
-    if M == 0 or N == 0:
-        return width_of(0.0)
-    ta = torch.from_numpy(av).to(dt).reshape(M, nb, B).transpose(0, 1)   # nb x M x B
-    tb = torch.from_numpy(bv).to(dt).reshape(N, nb, B).permute(1, 2, 0)  # nb x B x N
-    best = 0.0
-    step = max(1, (1 << 24) // max(M * N, 1))  # bound the nb x M x N temporary
-    for j in range(0, nb, step):
-        part = torch.bmm(ta[j:j + step], tb[j:j + step])
-        best = max(best, float(part.max()), -float(part.min()))
-    return width_of(best)
-
-
-def l1_bound_bits(weight, act_fmt) -> int:
-    """A2Q's data-aware bound: bits no input in ``act_fmt`` can overflow, given the weights.
-
-    For output row o and block j: |sum_i w_oi x_i| <= ||w_oj||_1 * max|x|, with
-    w and x in quantum units (``integer_values``) and max|x| the largest
-    element magnitude of ``act_fmt``. Returns width_of(max over o, j).
-    ``weight`` is a QTensor (out x K, along axis 1).
-    """
-    elem = element_of(act_fmt)
-    if isinstance(elem, IntFormat):
-        xmax = float(max(elem.max_code, -elem.min_code))
-    else:
-        xmax = float(elem.max_normal) / _quantum(elem)
-    wv = np.abs(integer_values(weight))
-    K = weight.shape[1]
-    B = block_len(weight.format, act_fmt, K)
-    nb = -(-K // B)
-    pad = nb * B - K
-    if pad:
-        wv = np.pad(wv, ((0, 0), (0, pad)))
-    l1 = wv.reshape(wv.shape[0], nb, B).sum(axis=2)
-    return width_of(float(l1.max()) * xmax if l1.size else 0.0)
 
 
 @dataclass
@@ -307,11 +213,11 @@ class QuantLinear(nn.Module):
     def acc_bits_worst(self) -> dict:
         """A2Q worst case per GEMM from the formats alone (in-block length)."""
         out = {"main": worst_case_bits(self.main_q.format, self.main_act,
-                                       block_len(self.main_q.format, self.main_act, self.in_features))}
+                                       block_length(self.main_q.format, self.main_act, self.in_features))}
         if self.rank and not _is_ieee(self.branch_act):
-            out["branch_in"] = worst_case_bits(self.right_q.format, self.branch_act, block_len(
+            out["branch_in"] = worst_case_bits(self.right_q.format, self.branch_act, block_length(
                 self.right_q.format, self.branch_act, self.in_features))
-            out["branch_out"] = worst_case_bits(self.left_q.format, self.branch_act, block_len(
+            out["branch_out"] = worst_case_bits(self.left_q.format, self.branch_act, block_length(
                 self.left_q.format, self.branch_act, self.rank))
         return out
 

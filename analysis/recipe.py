@@ -39,12 +39,14 @@ from dataclasses import dataclass
 import numfmt
 from hwsim.cost import CONFIG_GRAMMAR, Config, parse_config
 
+from analysis.loraq.result import METHODS as LAYER_METHODS
+
 __all__ = ["Recipe", "Smoothing", "RECIPE_VERSION", "METHODS", "GRAMMAR", "DEFAULT_SMOOTHING",
            "parse_recipes"]
 
 RECIPE_VERSION = 1
-# "none": no branch (round to nearest); the others build a low-rank branch.
-METHODS = ("none", "svdquant", "loraq", "lqer", "loftq", "naive")
+# "none": no branch (analysis.loraq's "rtn"); the others, analysis.loraq's, build a branch.
+METHODS = ("none",) + tuple(m for m in LAYER_METHODS if m != "rtn")
 BRANCH_METHODS = METHODS[1:]
 NOSMOOTH = "-nosmooth"
 GRAMMAR = CONFIG_GRAMMAR + f"[-lqer|-loftq|-naive][{NOSMOOTH}]"

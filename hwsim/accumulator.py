@@ -28,10 +28,11 @@ import math
 
 import numpy as np
 
+from numfmt import decode_table
 from numfmt.formats import BlockFormat, FloatFormat, IntFormat, get
 
 __all__ = ["worst_case_bits", "element_of", "width_bits", "element_max_integer", "block_length",
-           "l1_bound_bits", "observed_bits", "accumulator_bits", "accumulator_table"]
+           "integer_values", "l1_bound_bits", "observed_bits", "accumulator_bits", "accumulator_table"]
 
 
 def element_of(fmt):
@@ -104,6 +105,28 @@ def block_length(a_format, b_format, k: int) -> int:
     return sub_block_length(sizes[0], sizes[1], k)
 
 
+def integer_values(q) -> np.ndarray:
+    """Element values of a QTensor in units of its element quantum (exact integers, float64).
+
+    Integer elements give their signed value; float elements their value divided by the
+    smallest subnormal, which every element value is a multiple of (NaN / Inf give 0).
+    Block scales are left out: they do not change an in-block integer sum.
+    """
+    elem = element_of(q.format)
+    vals = decode_table(elem)[q.codes.astype(np.int64)]
+    vals = np.where(np.isfinite(vals), vals, 0.0)
+    return vals / _range_and_quantum(elem)[1]
+
+
+def _blocks(v: np.ndarray, L: int) -> np.ndarray:
+    """(rows, K) -> (rows, blocks, L), a partial last block padded with zeros."""
+    rows, K = v.shape
+    nb = -(-K // L) if K else 0
+    if nb * L - K:
+        v = np.pad(v, ((0, 0), (0, nb * L - K)))
+    return v.reshape(rows, nb, L)
+
+
 def l1_bound_bits(weights, act_format, *, per_channel: bool = False):
     """A2Q's data-aware bound from the actual quantized weights.
 
@@ -113,20 +136,14 @@ def l1_bound_bits(weights, act_format, *, per_channel: bool = False):
         |sum_k W[n,k] x[k]| <= ||W[n, block j]||_1 * max|x|      (integer units),
 
     so ``bits = width_bits(max_j ||W[n, j]||_1 * max|x|)``. ``weights`` is a
-    QTensor (N x K along axis 1). Returns the largest width over channels, or an
-    int array of N widths with ``per_channel=True``.
+    QTensor (N x K along axis 1; any format, NVFP4 included). Returns the largest width
+    over channels, or an int array of N widths with ``per_channel=True``.
     """
-    from hwsim.gemm import operand_integers
-    W = operand_integers(weights, "weights")
     N, K = weights.shape
     L = block_length(act_format, weights.format, K)
     xmax = element_max_integer(act_format)
-    nb = -(-K // L) if K else 0
-    w = np.abs(W.ints)
-    pad = nb * L - K
-    if pad:
-        w = np.pad(w, ((0, 0), (0, pad)))
-    l1 = w.reshape(N, nb, L).sum(axis=2).max(axis=1) if nb and N else np.zeros(N, np.int64)
+    w = _blocks(np.abs(integer_values(weights)), L)
+    l1 = w.sum(axis=2).max(axis=1) if w.size else np.zeros(N)
     widths = np.array([width_bits(int(v) * xmax) for v in l1], dtype=np.int64)
     if per_channel:
         return widths
@@ -136,9 +153,33 @@ def l1_bound_bits(weights, act_format, *, per_channel: bool = False):
 def observed_bits(activations, weights, *, prefix: bool = False) -> int:
     """Bits the in-block sums of ``activations @ weights.T`` actually needed (exact
     accumulator): the width of the largest |block sum|, or of the largest |prefix| in
-    index order with ``prefix=True`` (what a saturating accumulator must hold)."""
-    from hwsim.gemm import matmul
-    return matmul(activations, weights, prefix_stats=prefix).acc_bits_needed
+    index order with ``prefix=True`` (what a saturating accumulator must hold; that one
+    runs hwsim.matmul).
+
+    The block sums are exact: they are formed in float32 while the worst case fits in 24
+    bits, else in float64 (53 bits; wider sums go through hwsim.matmul's integers).
+    """
+    a, b = activations, weights
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"activations are {a.shape} and weights {b.shape}; their K (axis 1) "
+                         "must agree")
+    K = a.shape[1]
+    L = block_length(a.format, b.format, K)
+    worst = worst_case_bits(a.format, b.format, L)
+    if prefix or worst > 53:
+        from hwsim.gemm import matmul
+        return matmul(a, b, prefix_stats=prefix).acc_bits_needed
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return width_bits(0)
+    dt = np.float32 if worst <= 24 else np.float64
+    av = _blocks(integer_values(a), L).astype(dt).transpose(1, 0, 2)   # blocks x M x L
+    bv = _blocks(integer_values(b), L).astype(dt).transpose(1, 2, 0)   # blocks x L x N
+    best = 0.0
+    step = max(1, (1 << 24) // max(a.shape[0] * b.shape[0], 1))  # bound the temporary
+    for j in range(0, av.shape[0], step):
+        part = np.matmul(av[j:j + step], bv[j:j + step])
+        best = max(best, float(part.max()), -float(part.min()))
+    return width_bits(int(best))
 
 
 def accumulator_bits(a_format, b_format, k: int, *, weights=None, activations=None,

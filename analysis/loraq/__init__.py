@@ -11,5 +11,11 @@ from analysis.loraq.baselines import loftq, lqer, naive, rtn, svdquant
 from analysis.loraq.optimizer import hadamard, optimize
 from analysis.loraq.result import METHODS, LoRaQResult, load_result, save_result
 
+# The one table from a method's name to its function (the driver, the report and
+# ``loraq quantize`` all dispatch through it).
+METHOD_FUNCTIONS = {"loraq": optimize, "rtn": rtn, "svdquant": svdquant, "lqer": lqer,
+                    "loftq": loftq, "naive": naive}
+assert tuple(METHOD_FUNCTIONS) == METHODS
+
 __all__ = ["optimize", "rtn", "svdquant", "lqer", "loftq", "naive", "hadamard", "LoRaQResult",
-           "METHODS", "save_result", "load_result"]
+           "METHODS", "METHOD_FUNCTIONS", "save_result", "load_result"]

@@ -50,18 +50,13 @@ from pathlib import Path
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.loraq import baselines
+from analysis.loraq import METHOD_FUNCTIONS
 from analysis.loraq.checks import as_weight, check_int
-from analysis.loraq.optimizer import optimize
 from analysis.loraq.result import (METHODS, LoRaQResult, load_result, read_meta, save_result,
                                    write_atomic)
 
 __all__ = ["optimize_model", "run_method", "layer_stem", "METHOD_FUNCTIONS", "StoredResults",
            "file_layers", "read_layer"]
-
-METHOD_FUNCTIONS: dict[str, Callable] = {
-    "loraq": optimize, "rtn": baselines.rtn, "svdquant": baselines.svdquant,
-    "lqer": baselines.lqer, "loftq": baselines.loftq, "naive": baselines.naive}
 
 
 def _check_method(method) -> Callable:
