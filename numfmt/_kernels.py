@@ -639,7 +639,9 @@ def _mx_one_float_f32(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask
     X, done = _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
                              absmask, specialbits, elem_emax, COMPAT_OCP, rule_p)
     if not done:
-        if X + emin - m >= -126:
+        # the upper bound holds for every registered element under every scale rule
+        # (a rule raises X by at most one); it guards formats with emax - emin < 1
+        if -126 <= X + emin - m <= 126:
             _mx_float_block_f32(xs, xbs, o, n, X, m, emin, maxmag, max_code_mag, sign_bit, cs,
                                 fs, want_codes)
         else:  # scales near 2^-127 (and the input's subnormals): the reference loop

@@ -276,7 +276,7 @@ def _mx_rne_f32(xb, X, is_nan, fmt, want_codes):
         return (q + 0.0) * ((127 + k) << 23).view(torch.float32)  # integers have no -0
     m, emin = elem.mantissa_bits, elem.emin
     base = Xi + emin
-    if not bool((ok_nan | (base - m >= -126)).all()):
+    if not bool((ok_nan | ((base - m >= -126) & (base - m <= 126))).all()):
         return None
     base = base.clamp_min(-126 + m)
     b = xb.view(torch.int32)

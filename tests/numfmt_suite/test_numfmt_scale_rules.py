@@ -435,3 +435,16 @@ def test_conformance_kit_takes_the_rule():
     with pytest.raises(AssertionError, match="scale_rule='even'"):
         check_quantizer(lambda v: numfmt.fake_quantize(v, "mxfp6_e2m3"), "mxfp6_e2m3",
                         scale_rule="even", max_examples=200)
+
+
+def test_element_with_one_exponent_bit_near_float32_max():
+    """An element whose emax equals its emin (1 exponent bit): ceil / rceil scales put
+    X + emin above every element's exponent, which the float32 fast loops cannot hold
+    near float32's max; they hand such blocks to the reference loop."""
+    elem = numfmt.float_format(1, 1, specials="none", name="fp3_e1m1")
+    x = random_blocks(6, 3)
+    x[:3] = x[:3] / np.abs(x[:3]).max(axis=1, keepdims=True) * np.float32(3e38)
+    for rule in RULES:
+        fmt = numfmt.BlockFormat("mx_e1m1", elem, 32, numfmt.get("e8m0"), "mx", rule)
+        assert_equals_reference(x, fmt, "rne")
+        assert_backends_equal(x, fmt, "rne")
