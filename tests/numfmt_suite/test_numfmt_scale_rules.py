@@ -2,11 +2,16 @@
 and against the slow reference, bit for bit, in both backends.
 
 torchao (``torchao.prototype.mx_formats.mx_tensor.to_mx`` with ``ScaleCalculationMode``
-FLOOR, CEIL, EVEN, RCEIL, eager on the CPU) is the oracle where it runs; the reference
-(``reference.mx_shared_exponent``, exact ``Fraction`` arithmetic written from torchao's
-definitions) covers what torchao does not: every rounding mode, MXINT, float64 input,
-other block sizes. Blocks where numfmt deliberately differs from torchao are left out
-of the torchao comparison, each kind counted and checked on its own (docs/scale_rules.md):
+FLOOR, CEIL, EVEN, RCEIL, eager on the CPU) is the oracle. It runs only in a subprocess,
+one for the whole module (torchao_oracle.py with ``PYTHONPATH=.oracle/torchao``, where
+scripts/setup installs it): torchao must not be importable from the project's
+environment, where diffusers and transformers would import it on every start; this
+process never imports it (checked), and the torchao tests skip without .oracle. The
+reference (``reference.mx_shared_exponent``, exact ``Fraction`` arithmetic written from
+torchao's definitions) covers what torchao does not: every rounding mode, MXINT, float64
+input, other block sizes. Blocks where numfmt deliberately differs from torchao are left
+out of the torchao comparison, each kind counted and checked on its own
+(docs/scale_rules.md):
 
 * a block whose scale is 2^-127 (E8M0 code 0): torchao divides by 2^-126 there (floor,
   ceil, even: ``scale_fp32`` is clamped to FP32's smallest normal) or by 1 (rceil:
@@ -20,9 +25,14 @@ of the torchao comparison, each kind counted and checked on its own (docs/scale_
   cuBLAS and of the PTX cvt.rp.satfinite.ue8m0x2.f32 instruction. The test checks that
   every rceil scale mismatch is such a block.
 """
+import json
 import math
-import warnings
+import os
+import pathlib
+import subprocess
+import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -44,43 +54,13 @@ MX_ALL = MX_FLOAT + ["mxint8", "mxint6", "mxint4"]
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def _torchao():
-    """torchao's to_mx pieces, or None when torchao is not installed."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torchao.prototype.mx_formats.config import ScaleCalculationMode
-            from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2
-            from torchao.prototype.mx_formats.kernels import unpack_uint4
-            from torchao.prototype.mx_formats.mx_tensor import to_mx
-    except ImportError:
-        return None
-    dtypes = {"mxfp8_e4m3": torch.float8_e4m3fn, "mxfp8_e5m2": torch.float8_e5m2,
-              "mxfp6_e2m3": DTYPE_FP6_E2M3, "mxfp6_e3m2": DTYPE_FP6_E3M2,
-              "mxfp4_e2m1": torch.float4_e2m1fn_x2}
-    return to_mx, ScaleCalculationMode, unpack_uint4, dtypes
-
-
-TORCHAO = _torchao()
-needs_torchao = pytest.mark.skipif(TORCHAO is None, reason="torchao is not installed "
-                                   "(pip install --no-deps torchao==0.18.0)")
-
-
-def torchao_mx(x: np.ndarray, name: str, rule: str):
-    """(E8M0 scale codes (nblocks,), element codes (nblocks, 32)) from torchao's to_mx on
-    a (nblocks, 32) float32 (or bfloat16) array."""
-    to_mx, mode, unpack_uint4, dtypes = TORCHAO
-    t = torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16) if x.dtype.itemsize == 2 \
-        else torch.from_numpy(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s, d = to_mx(t, dtypes[name], 32, mode(rule))
-    s = s.view(torch.uint8).numpy().reshape(-1)
-    if name == "mxfp4_e2m1":
-        c = unpack_uint4(d.view(torch.uint8)).numpy()
-    else:
-        c = d.view(torch.uint8).numpy()
-    return s, c.reshape(x.shape[0], 32)
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ORACLE_PATH = REPO / ".oracle" / "torchao"  # scripts/setup: pip install --target
+ORACLE_SCRIPT = pathlib.Path(__file__).with_name("torchao_oracle.py")
+# numfmt's MX float formats -> the oracle's names for torchao's element dtypes
+TORCHAO_ELEM = {"mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2",
+                "mxfp6_e2m3": "fp6_e2m3", "mxfp6_e3m2": "fp6_e3m2",
+                "mxfp4_e2m1": "float4_e2m1fn_x2"}
 
 
 # ---------------------------------------------------------------------------
@@ -168,6 +148,81 @@ def edge_input(name: str, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
+# torchao, in one subprocess for the whole module
+# ---------------------------------------------------------------------------
+def _differ_on_purpose_blocks() -> dict[str, np.ndarray]:
+    """One (1, 32) float32 block per documented difference (e4m3)."""
+    tiny = np.full((1, 32), np.float32(1.5 * 2.0 ** -119))  # amax in [2^-119, 2^-118): 2^-127
+    inf = np.ones((1, 32), np.float32)
+    inf[0, 4] = np.inf
+    log2_down = np.full((1, 32), _ulps(448.0 * 16, 1))  # rceil: descale 2^4 (1 + 2^-23)
+    return {"tiny": tiny, "inf": inf, "log2_down": log2_down}
+
+
+def oracle_cases() -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+    """Every input this module sends to torchao (by key) and every comparison
+    (input key, MX format, rule) it asks for, so that one subprocess answers them all."""
+    inputs = {f"edge_{name}": edge_input(name, seed=3) for name in MX_FLOAT}
+    inputs["bfloat16"] = random_blocks(200, 7).astype(ml_dtypes.bfloat16)
+    inputs.update(_differ_on_purpose_blocks())
+    cases = [(f"edge_{name}", name, rule) for name in MX_FLOAT for rule in RULES]
+    cases += [("bfloat16", name, rule) for name in ("mxfp8_e4m3", "mxfp4_e2m1") for rule in RULES]
+    cases += [("tiny", "mxfp8_e4m3", rule) for rule in ("floor", "even", "rceil")]
+    cases += [("inf", "mxfp8_e4m3", rule) for rule in RULES]
+    cases += [("log2_down", "mxfp8_e4m3", "rceil")]
+    return inputs, cases
+
+
+class TorchaoOracle:
+    """torchao's to_mx results for ``oracle_cases()``, computed by torchao_oracle.py in
+    a subprocess (``PYTHONPATH=.oracle/torchao``); this process never imports torchao."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.inputs, cases = oracle_cases()
+        requests = [{"input": key, "input_dtype": "bfloat16" if self.inputs[key].dtype ==
+                     ml_dtypes.bfloat16 else "float32", "elem_dtype": TORCHAO_ELEM[name],
+                     "rule": rule, "block_size": 32} for key, name, rule in cases]
+        paths = [workdir / f for f in ("requests.json", "inputs.npz", "outputs.npz")]
+        paths[0].write_text(json.dumps(requests))
+        np.savez(paths[1], **{k: v.view(np.uint16) if v.dtype == ml_dtypes.bfloat16 else v
+                              for k, v in self.inputs.items()})
+        env = {**os.environ, "PYTHONPATH": str(ORACLE_PATH)}
+        run = subprocess.run([sys.executable, str(ORACLE_SCRIPT), *map(str, paths)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"torchao_oracle.py failed:\n{run.stderr[-3000:]}"
+        with np.load(paths[2], allow_pickle=False) as out:
+            self.version, self.file = str(out["torchao_version"]), str(out["torchao_file"])
+            self.results = {case: (out[f"scales_{i}"], out[f"codes_{i}"])
+                            for i, case in enumerate(cases)}
+
+    def mx(self, key: str, name: str, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input, E8M0 scale codes (nblocks,), element codes (nblocks, 32)) of one case."""
+        s, c = self.results[(key, name, rule)]
+        return self.inputs[key], s, c
+
+
+@pytest.fixture(scope="module")
+def torchao(tmp_path_factory):
+    """The module's one torchao subprocess (skips when .oracle/torchao is missing)."""
+    if not (ORACLE_PATH / "torchao").is_dir():
+        pytest.skip(f"torchao oracle not installed at {ORACLE_PATH} (bash scripts/setup "
+                    f"installs it: pip install --no-deps --target .oracle/torchao torchao==0.18.0)")
+    oracle = TorchaoOracle(tmp_path_factory.mktemp("torchao_oracle"))
+    assert oracle.version.startswith("0.18.0"), oracle.version
+    assert pathlib.Path(oracle.file).is_relative_to(ORACLE_PATH), oracle.file
+    return oracle
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torchao_stays_out_of_this_process():
+    yield
+    assert "torchao" not in sys.modules, (
+        "torchao was imported in the pytest process: it must only run in torchao_oracle.py's "
+        "subprocess (is it installed in the environment? diffusers and transformers import it "
+        "when it is; scripts/setup puts it in .oracle/torchao only)")
+
+
+# ---------------------------------------------------------------------------
 # numfmt vs torchao
 # ---------------------------------------------------------------------------
 def _rceil_log2_rounds_down(x: np.ndarray, name: str) -> np.ndarray:
@@ -183,11 +238,11 @@ def _rceil_log2_rounds_down(x: np.ndarray, name: str) -> np.ndarray:
     return (tao.double().numpy() < exact) & (d > 0) & np.isfinite(d)
 
 
-def compare_with_torchao(x: np.ndarray, name: str, rule: str) -> dict:
-    """Assert numfmt (both backends) == torchao on x (nblocks, 32) except the documented
-    blocks; returns the counts compared and left out."""
+def compare_with_torchao(torchao: TorchaoOracle, key: str, name: str, rule: str) -> dict:
+    """Assert numfmt (both backends) == torchao on the input ``key`` (nblocks, 32) except
+    the documented blocks; returns the counts compared and left out."""
     fmt = numfmt.get(name, scale_rule=rule)
-    s_t, c_t = torchao_mx(x, name, rule)
+    x, s_t, c_t = torchao.mx(key, name, rule)
     q = numfmt.quantize(x, fmt)
     qt = nft.quantize(torch.from_numpy(x.astype(np.float32)), fmt, backend="torch")
     assert np.array_equal(q.codes, qt.codes) and np.array_equal(q.scales, qt.scales)
@@ -220,54 +275,44 @@ def compare_with_torchao(x: np.ndarray, name: str, rule: str) -> dict:
             "inf": int(has_inf.sum())}
 
 
-@needs_torchao
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("name", MX_FLOAT)
-def test_equals_torchao_to_mx(name, rule):
+def test_equals_torchao_to_mx(name, rule, torchao):
     """Scale codes and element codes == torchao's to_mx on boundary, random and special
     blocks (float32), except the documented blocks (module docstring)."""
-    x = edge_input(name, seed=3)
-    counts = compare_with_torchao(x, name, rule)
-    assert counts["blocks"] > 0.6 * len(x)
+    counts = compare_with_torchao(torchao, f"edge_{name}", name, rule)
+    assert counts["blocks"] > 0.6 * len(torchao.inputs[f"edge_{name}"])
     if rule == "rceil":
         # the boundary blocks do reach torch.log2's rounding (and nothing else differs)
         assert counts["log2_down"] >= 1
 
 
-@needs_torchao
 @pytest.mark.parametrize("rule", RULES)
-def test_equals_torchao_on_bfloat16_input(rule):
-    import ml_dtypes
+def test_equals_torchao_on_bfloat16_input(rule, torchao):
     for name in ("mxfp8_e4m3", "mxfp4_e2m1"):
-        x = random_blocks(200, 7).astype(ml_dtypes.bfloat16)
-        compare_with_torchao(x, name, rule)
+        compare_with_torchao(torchao, "bfloat16", name, rule)
 
 
-@needs_torchao
-def test_where_numfmt_and_torchao_differ_on_purpose():
+def test_where_numfmt_and_torchao_differ_on_purpose(torchao):
     """The documented differences, shown on one block each (e4m3)."""
     name = "mxfp8_e4m3"
     # scale 2^-127 (amax in [2^-119, 2^-118)): torchao's elements are V / 2^-126
-    x = np.full((1, 32), np.float32(1.5 * 2.0 ** -119))
     for rule in ("floor", "even"):
-        s_t, c_t = torchao_mx(x, name, rule)
+        x, s_t, c_t = torchao.mx("tiny", name, rule)
         q = numfmt.quantize(x, name, scale_rule=rule)
         assert s_t[0] == q.scales[0, 0] == 0
         assert numfmt.dequantize(q)[0, 0] == x[0, 0]  # exact: 1.5 * 256 * 2^-127
         assert numfmt.decode(c_t[0, :1], "fp8_e4m3")[0] == 1.5 * 128  # half of it
     # rceil, exponent 0: torchao multiplies by 1, so a nonzero tiny block becomes zeros
-    s_t, c_t = torchao_mx(x, name, "rceil")
+    x, s_t, c_t = torchao.mx("tiny", name, "rceil")
     q = numfmt.quantize(x, name, scale_rule="rceil")
     assert s_t[0] == q.scales[0, 0] == 0 and (c_t == 0).all() and (q.codes != 0).all()
     # an Inf block: torchao has a finite scale, numfmt the NaN scale
-    x = np.ones((1, 32), np.float32)
-    x[0, 4] = np.inf
     for rule in RULES:
-        s_t, _ = torchao_mx(x, name, rule)
+        x, s_t, _ = torchao.mx("inf", name, rule)
         assert s_t[0] != 255 and numfmt.quantize(x, name, scale_rule=rule).scales[0, 0] == 255
     # rceil: descale one float32 ulp above 2^4 (amax = 448 * 16 * (1 + 2^-23))
-    x = np.full((1, 32), _ulps(448.0 * 16, 1))
-    s_t, _ = torchao_mx(x, name, "rceil")
+    x, s_t, _ = torchao.mx("log2_down", name, "rceil")
     q = numfmt.quantize(x, name, scale_rule="rceil")
     assert q.scales[0, 0] == 127 + 5 and s_t[0] == 127 + 4
 
