@@ -42,6 +42,7 @@ from numba.extending import intrinsic
 
 RNE, RNA, RTZ, RUP, RDN, STOCHASTIC = range(6)
 COMPAT_OCP, COMPAT_MX = 0, 1
+RULE_FLOOR, RULE_CEIL, RULE_EVEN, RULE_RCEIL = range(4)  # numfmt.formats.SCALE_RULES order
 
 _P2_OFFSET = 1100
 # 2^k for k in [-1100, 1099]; below 2^-1074 they are 0, above 2^1023 Inf (never indexed).
@@ -479,10 +480,56 @@ def _microxcaling_exponent(xs, xbs, o, n, absmask, amb):
 
 
 @nb.njit(inline="always", **_JIT)
+def _rule_exponent(amb, e, shift, fbias, elem_emax, rule, rule_m, rule_max):
+    """The unclamped shared exponent of a block with a finite nonzero amax, by scale rule.
+
+    ``amb``: amax's magnitude bits (float32 or float64, ``shift`` mantissa bits), ``e`` =
+    floor(log2 amax). amax = s * 2^(e - p) with the integer significand s in [2^p, 2^(p+1))
+    (p = shift for a normal float, the top set bit of a subnormal's field otherwise).
+
+        floor  e - elem_emax                                    (OCP MX v1.0)
+        ceil   e + [amax != 2^e] - elem_emax  = ceil(log2 amax) - elem_emax
+        even   e + [s + 2^(p-m-1) >= 2^(p+1)] - elem_emax: amax rounded to m = rule_m
+               fraction bits (ties away), then floor (p <= m: already exact, no carry)
+        rceil  ceil(log2 d), d = float32(amax / rule_max), rule_max the element's max
+               in scale units; d = 0 gives -127 (below the clamp), d = Inf (float64
+               input only) 127 (cvt.rp.satfinite saturates)
+    """
+    if rule == RULE_FLOOR:
+        return e - elem_emax
+    if rule == RULE_RCEIL:
+        if shift == 23:
+            a = np.float64(f32_from_bits(np.int64(amb)))
+        else:
+            a = f64_from_bits(np.int64(amb))
+        d = np.float64(np.float32(a / rule_max))
+        if d == 0.0:
+            return np.int64(-127)
+        if d > 3.4028234663852886e38:
+            return np.int64(127)
+        mant, ed = math.frexp(d)
+        return np.int64(ed) - 1 if mant == 0.5 else np.int64(ed)
+    ab = np.int64(amb)
+    if (ab >> shift) != 0:  # a normal amax: the implicit bit above its mantissa field
+        p = np.int64(shift)
+        sig = (ab & ((np.int64(1) << shift) - 1)) | (np.int64(1) << shift)
+    else:  # subnormal: the field itself, its top set bit at 2^e
+        p = e - 1 + fbias + shift
+        sig = ab
+    if rule == RULE_CEIL:
+        bump = sig != (np.int64(1) << p)
+    else:  # RULE_EVEN
+        bump = p > rule_m and sig + (np.int64(1) << (p - rule_m - 1)) >= (np.int64(1) << (p + 1))
+    return e + (np.int64(1) if bump else np.int64(0)) - elem_emax
+
+
+@nb.njit(inline="always", **_JIT)
 def _mx_block_exponent_fast(xs, xbs, o, n, shift, emask, fbias, absmask, specialbits,
-                            elem_emax, compat):
+                            elem_emax, compat, rule, rule_m, rule_max):
     """(X, is_nan) for the block xs[o:o+n], as _mx_block_exponent, from a max over the
-    magnitude bits (a vectorizable integer reduction)."""
+    magnitude bits (a vectorizable integer reduction); ``rule`` picks the scale rule
+    (``_rule_exponent``). X < -127 is clamped to -127; X > 127 is a NaN scale (floor,
+    ceil, even; rceil saturates at 127 instead)."""
     if n == 32:
         amb = masked_umax(xbs, o, absmask, 32)
     else:
@@ -494,6 +541,7 @@ def _mx_block_exponent_fast(xs, xbs, o, n, shift, emask, fbias, absmask, special
         return np.int64(0), True
     if compat == COMPAT_MX:
         e = _microxcaling_exponent(xs, xbs, o, n, absmask, amb)
+        X = e - elem_emax
     else:
         if amb == 0:
             return np.int64(-127), False
@@ -506,7 +554,9 @@ def _mx_block_exponent_fast(xs, xbs, o, n, shift, emask, fbias, absmask, special
             while mm > 1:
                 mm >>= 1
                 e += 1
-    X = e - elem_emax
+        X = _rule_exponent(amb, e, shift, fbias, elem_emax, rule, rule_m, rule_max)
+        if rule == RULE_RCEIL and X > 127:
+            X = np.int64(127)
     if X > 127:
         return np.int64(0), True
     if X < -127:
@@ -516,12 +566,13 @@ def _mx_block_exponent_fast(xs, xbs, o, n, shift, emask, fbias, absmask, special
 
 @nb.njit(inline="always", **_JIT)
 def _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias, absmask,
-                   specialbits, elem_emax, compat):
+                   specialbits, elem_emax, compat, rule_p):
     """Shared exponent of block xs[o:o+n] (scale index g). A NaN block is written out
     here (scale 0xFF, codes 0 / NaN values) and reported as done; otherwise the E8M0
     scale code X + 127 is stored and (X, False) returned."""
+    rule, rule_m, rule_max = rule_p
     X, is_nan = _mx_block_exponent_fast(xs, xbs, o, n, shift, emask, fbias, absmask,
-                                        specialbits, elem_emax, compat)
+                                        specialbits, elem_emax, compat, rule, rule_m, rule_max)
     if is_nan:
         if want_codes:
             scales[g] = 255
@@ -558,9 +609,10 @@ INT_F32, INT, FLOAT_F32, FLOAT, GENERIC = range(5)
 @nb.njit(inline="always", **_JIT)
 def _mx_one_int_f32(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
                     absmask, specialbits, is_int, code_mask, sign_bit, ese, m, emin,
-                    elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0):
+                    elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0,
+                    rule_p):
     X, done = _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
-                             absmask, specialbits, elem_emax, COMPAT_OCP)
+                             absmask, specialbits, elem_emax, COMPAT_OCP, rule_p)
     if not done:
         k = X + ese
         if -126 <= k <= 127:
@@ -572,9 +624,9 @@ def _mx_one_int_f32(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, 
 @nb.njit(inline="always", **_JIT)
 def _mx_one_int(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias, absmask,
                 specialbits, is_int, code_mask, sign_bit, ese, m, emin, elem_emax, maxmag,
-                max_code_mag, lo, hi, mode, compat, seed, index0):
+                max_code_mag, lo, hi, mode, compat, seed, index0, rule_p):
     X, done = _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
-                             absmask, specialbits, elem_emax, COMPAT_OCP)
+                             absmask, specialbits, elem_emax, COMPAT_OCP, rule_p)
     if not done:
         _mx_int_block(xs, o, n, X + ese, lo, hi, code_mask, cs, fs, want_codes, RNE)
 
@@ -582,11 +634,14 @@ def _mx_one_int(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbia
 @nb.njit(inline="always", **_JIT)
 def _mx_one_float_f32(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
                       absmask, specialbits, is_int, code_mask, sign_bit, ese, m, emin,
-                      elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0):
+                      elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0,
+                    rule_p):
     X, done = _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
-                             absmask, specialbits, elem_emax, COMPAT_OCP)
+                             absmask, specialbits, elem_emax, COMPAT_OCP, rule_p)
     if not done:
-        if X + emin - m >= -126:
+        # the upper bound holds for every registered element under every scale rule
+        # (a rule raises X by at most one); it guards formats with emax - emin < 1
+        if -126 <= X + emin - m <= 126:
             _mx_float_block_f32(xs, xbs, o, n, X, m, emin, maxmag, max_code_mag, sign_bit, cs,
                                 fs, want_codes)
         else:  # scales near 2^-127 (and the input's subnormals): the reference loop
@@ -598,9 +653,10 @@ def _mx_one_float_f32(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask
 @nb.njit(inline="always", **_JIT)
 def _mx_one_float(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
                   absmask, specialbits, is_int, code_mask, sign_bit, ese, m, emin,
-                  elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0):
+                  elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0,
+                    rule_p):
     X, done = _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
-                             absmask, specialbits, elem_emax, COMPAT_OCP)
+                             absmask, specialbits, elem_emax, COMPAT_OCP, rule_p)
     if not done:
         if X + emin >= -fbias:
             _mx_float_block(xs, xbs, o, n, X, shift, emask, fbias, m, emin, maxmag,
@@ -614,9 +670,10 @@ def _mx_one_float(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fb
 @nb.njit(inline="always", **_JIT)
 def _mx_one_generic(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
                     absmask, specialbits, is_int, code_mask, sign_bit, ese, m, emin,
-                    elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0):
+                    elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, index0,
+                    rule_p):
     X, done = _mx_block_head(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
-                             absmask, specialbits, elem_emax, compat)
+                             absmask, specialbits, elem_emax, compat, rule_p)
     if not done:
         _mx_generic_block(xs, xbs, o, o + n, X, cs, fs, want_codes, shift, emask, fbias, is_int,
                           code_mask, sign_bit, ese, m, emin, emin - m, maxmag, max_code_mag, lo,
@@ -630,9 +687,12 @@ def _make_mx_kernel(routine, const_bs):
     @nb.njit(parallel=True, **_JIT)
     def kernel(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias, absmask,
                specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag, max_code_mag,
-               lo, hi, mode, compat, seed, nchunks):
+               lo, hi, mode, compat, seed, nchunks, rule, rule_m, rule_max):
         code_mask = (np.int64(1) << ebits_total) - 1
         sign_bit = np.int64(1) << (ebits_total - 1)
+        # one tuple: a call of more than 30 arguments compiles to *args, which Numba
+        # cannot inline
+        rule_p = (rule, rule_m, rule_max)
         nblk = (L + bs - 1) // bs
         for c in prange(nchunks):
             r0 = (rows * c) // nchunks
@@ -661,26 +721,27 @@ def _make_mx_kernel(routine, const_bs):
                     _mx_one_int_f32(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask,
                                     fbias, absmask, specialbits, is_int, code_mask, sign_bit, ese,
                                     m, emin, elem_emax, maxmag, max_code_mag, lo, hi, mode,
-                                    compat, seed, i0)
+                                    compat, seed, i0, rule_p)
                 elif routine == INT:
                     _mx_one_int(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask, fbias,
                                 absmask, specialbits, is_int, code_mask, sign_bit, ese, m, emin,
-                                elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, i0)
+                                elem_emax, maxmag, max_code_mag, lo, hi, mode, compat, seed, i0,
+                                rule_p)
                 elif routine == FLOAT_F32:
                     _mx_one_float_f32(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask,
                                       fbias, absmask, specialbits, is_int, code_mask, sign_bit,
                                       ese, m, emin, elem_emax, maxmag, max_code_mag, lo, hi,
-                                      mode, compat, seed, i0)
+                                      mode, compat, seed, i0, rule_p)
                 elif routine == FLOAT:
                     _mx_one_float(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask,
                                   fbias, absmask, specialbits, is_int, code_mask, sign_bit, ese,
                                   m, emin, elem_emax, maxmag, max_code_mag, lo, hi, mode, compat,
-                                  seed, i0)
+                                  seed, i0, rule_p)
                 else:
                     _mx_one_generic(xs, xbs, cs, fs, o, n, g, scales, want_codes, shift, emask,
                                     fbias, absmask, specialbits, is_int, code_mask, sign_bit, ese,
                                     m, emin, elem_emax, maxmag, max_code_mag, lo, hi, mode,
-                                    compat, seed, i0)
+                                    compat, seed, i0, rule_p)
     return kernel
 
 
@@ -711,11 +772,14 @@ def _nchunks(rows, L):
 
 def mx_quantize(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask, fbias,
                 absmask, specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag,
-                max_code_mag, lo, hi, mode, compat, seed):
+                max_code_mag, lo, hi, mode, compat, seed, rule=RULE_FLOOR, rule_m=0,
+                rule_max=1.0):
     """Run the MX kernel of the right block routine (see the comment above ``INT_F32``):
     the vectorized loops for OCP + RNE, the element-by-element reference loop otherwise.
     When every block is full the data is viewed as one block per row, and a 32-element
-    block becomes a compile-time constant length."""
+    block becomes a compile-time constant length. ``rule`` (RULE_*), ``rule_m`` (the
+    element's fraction bits in its top binade) and ``rule_max`` (its max in scale units)
+    choose the shared exponent (``_rule_exponent``); the element loops only see X."""
     if compat != COMPAT_OCP or mode != RNE or not _FAST_MX:
         routine = GENERIC
     elif is_int:
@@ -729,7 +793,8 @@ def mx_quantize(x, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emas
     mx_kernel(routine, bs if L == bs else 0)(
         x, xb, rows, L, bs, codes, scales, fake, bool(want_codes), shift, emask, fbias,
         absmask, specialbits, is_int, ebits_total, ese, m, emin, elem_emax, maxmag,
-        max_code_mag, lo, hi, mode, compat, seed, _nchunks(rows, L))
+        max_code_mag, lo, hi, mode, compat, seed, _nchunks(rows, L), int(rule), int(rule_m),
+        float(rule_max))
 
 
 # ---------------------------------------------------------------------------

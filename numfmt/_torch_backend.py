@@ -276,7 +276,7 @@ def _mx_rne_f32(xb, X, is_nan, fmt, want_codes):
         return (q + 0.0) * ((127 + k) << 23).view(torch.float32)  # integers have no -0
     m, emin = elem.mantissa_bits, elem.emin
     base = Xi + emin
-    if not bool((ok_nan | (base - m >= -126)).all()):
+    if not bool((ok_nan | ((base - m >= -126) & (base - m <= 126))).all()):
         return None
     base = base.clamp_min(-126 + m)
     b = xb.view(torch.int32)
@@ -292,6 +292,34 @@ def _mx_rne_f32(xb, X, is_nan, fmt, want_codes):
         return cm | torch.where(b < 0, 1 << (elem.bits - 1), 0)
     val = q * up
     return torch.minimum(torch.maximum(val, -maxv), maxv)
+
+
+def _rule_exponent(amax: torch.Tensor, e: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """The kernels' ``_rule_exponent`` on float64 lanes: the unclamped shared exponent of
+    each block by ``fmt.scale_rule`` from its amax (float64, exact) and e = floor(log2
+    amax); rceil is returned already clamped above at 127 (it saturates). Zero, NaN and
+    Inf lanes give garbage that the caller masks."""
+    rule = fmt.scale_rule
+    emax = fmt.element_emax
+    if rule == "floor":
+        return e - emax
+    _, m, elem_max = core.scale_rule_params(fmt)
+    if rule == "rceil":
+        # a device tensor as divisor (see _absmax); the float64 quotient is exact-rounded,
+        # and rounding it to float32 gives the correctly rounded float32 quotient for
+        # float32 amax (53 >= 2 * 24 + 2)
+        d = (amax / torch.tensor(elem_max, dtype=torch.float64, device=amax.device))
+        d = d.to(torch.float32).to(torch.float64)
+        ed = floor_log2(torch.where(d > 0, d, 1))
+        X = ed + (d != pow2(ed)).to(torch.int64)
+        X = torch.where(d == 0, -127, X)
+        return torch.where(torch.isinf(d), 127, X.clamp_max(127))
+    sig = amax * pow2(-e)  # amax's significand in [1, 2), exact
+    if rule == "ceil":
+        bump = sig != 1.0
+    else:  # even: rounded to m fraction bits, ties away, it reaches 2
+        bump = sig >= 2.0 - _pow2_scalar(-(m + 1))
+    return e + bump.to(torch.int64) - emax
 
 
 def _mx(xb, fmt, mode, compat, seed, index, want_codes, fast=True):
@@ -313,9 +341,9 @@ def _mx(xb, fmt, mode, compat, seed, index, want_codes, fast=True):
     if mx_compat:
         e = torch.where(zero, -126,
                         log2f_floor(torch.where(zero, 1, amax)))
+        X = e - fmt.element_emax
     else:
-        e = floor_log2(amax)
-    X = e - fmt.element_emax
+        X = _rule_exponent(amax, floor_log2(amax), fmt)
     is_nan = is_nan | (X > 127)
     X = X.clamp_min(-127)
     if not mx_compat:
@@ -572,6 +600,8 @@ def encode(x: torch.Tensor, fmt, mode: int, seed: int) -> torch.Tensor:
         code = torch.where(isinf, c_inf, code)
     if fmt.has_nan:
         code = torch.where(isnan, torch.full_like(code, fmt.nan_code), code)
+    if fmt.specials == "fnuz":  # no -0: a zero result of either sign is code 0
+        code = torch.where((code == fmt.nan_code) & (v.abs() < fmt.max_normal), 0, code)
     if not fmt.signed:
         code = code & ((1 << fmt.bits) - 1)
     return code.reshape(x.shape)
@@ -607,4 +637,6 @@ def _decode_fields(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
         mag = torch.where((ef == top) & (mf != 0), float("nan"), mag)
     elif fmt.specials == "nan_only":
         mag = torch.where((ef == top) & (mf == (1 << m) - 1), float("nan"), mag)
+    elif fmt.specials == "fnuz":  # the negative-zero code is the NaN
+        mag = torch.where(codes == fmt.nan_code, float("nan"), mag)
     return torch.where(neg, -mag, mag).to(torch.float32)

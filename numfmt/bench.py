@@ -211,7 +211,9 @@ def main(argv=None) -> int:
         import torchao
         res["machine"]["torchao"] = torchao.__version__
     except ImportError:
-        res["references"]["torchao"] = "not importable (pip install torchao to compare)"
+        # not in .venv on purpose (diffusers / transformers would import it on every start)
+        res["references"]["torchao"] = ("not importable (to compare: PYTHONPATH=.oracle/torchao, "
+                                        "where scripts/setup installs it)")
 
     _print(res, args)
     if args.json:

@@ -12,6 +12,31 @@ OCP MX (``compat="ocp"``, OCP MX v1.0 section 6.3)
     block decodes to NaN. An all-zero block has X = -127 and decodes to zeros
     keeping their sign (float elements).
 
+Scale rules (``scale_rule``, MX formats with compat="ocp"; torchao's
+``ScaleCalculationMode`` of the same names, see docs/scale_rules.md)
+    With amax the block's largest |v| (exact, from its bits), e = floor(log2 amax),
+    m the element's fraction bits in its top binade (mantissa bits; b - 2 for MXINTb)
+    and element_max its largest value (MXINTb: (2^(b-1) - 1) * 2^(2-b)):
+
+    * ``"floor"`` (default, OCP MX v1.0):  X = e - element_emax.
+    * ``"ceil"``:   X = ceil(log2 amax) - element_emax  (e + 1 unless amax is a power
+      of two): elements never exceed 2^element_emax, nothing saturates.
+    * ``"even"``:   X = floor(log2(round(amax))) - element_emax, amax rounded to m
+      fraction bits with ties away from zero (torchao adds half an element ulp to
+      amax's bits and keeps the exponent; AMD Quark's "even" scale): X is e + 1 when
+      amax's significand is >= 2 - 2^-(m+1).
+    * ``"rceil"``:  X = ceil(log2 d), d = float32(amax / element_max), clamped to
+      -127..127 (NVIDIA cuBLAS's "computing scaling factors for FP8 with UE8M0
+      scales", the PTX ``cvt.rp.satfinite.ue8m0x2.f32`` of d). d is the correctly
+      rounded float32 quotient for float32 input; for float64 input the float64
+      quotient rounded to float32.
+
+    Every rule: an all-zero block has X = -127, X < -127 is clamped to -127; X > 127
+    makes the scale NaN (floor, ceil, even; reachable only from float64 input or
+    MXINT), rceil saturates at 127 instead. NaN or Inf in a block gives a NaN scale
+    under every rule (torchao gives Inf blocks a finite scale). The rule only moves X:
+    elements are rounded from the exact V / 2^X as above, in every rounding mode.
+
 microxcaling (``compat="microxcaling"``)
     Bit-identical to Microsoft's microxcaling ``mx.mx_ops._quantize_mx``
     (pure-PyTorch path, scale_bits 8, axes=[-1]) on float32 data: X from
@@ -35,7 +60,8 @@ import ml_dtypes
 import numpy as np
 
 from numfmt import _kernels as K
-from numfmt.formats import COMPATS, ROUNDINGS, BlockFormat, FloatFormat, IntFormat, get
+from numfmt.formats import (COMPATS, ROUNDINGS, SCALE_RULES, BlockFormat, FloatFormat, IntFormat,
+                            check_scale_rule, get)
 from numfmt.qtensor import QTensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "encode", "decode", "decode_table"]
@@ -149,6 +175,8 @@ def _float_field_values(codes: np.ndarray, elem: FloatFormat) -> np.ndarray:
         mag = np.where((ef == top) & (mf != 0), np.nan, mag)
     elif elem.specials == "nan_only":
         mag = np.where((ef == top) & (mf == (1 << m) - 1), np.nan, mag)
+    elif elem.specials == "fnuz":  # the negative-zero code is the NaN
+        mag = np.where(codes == elem.nan_code, np.nan, mag)
     return np.where(neg == 1, -mag, mag)
 
 
@@ -165,19 +193,45 @@ def _float_params(elem: FloatFormat):
 # quantize / fake_quantize
 # ---------------------------------------------------------------------------
 def quantize(x, fmt, *, axis: int = -1, rounding: str = "rne", compat: str = "ocp",
-             seed: int | None = None) -> QTensor:
-    """Quantize ``x`` to ``fmt`` along ``axis``; returns a QTensor of codes and scales."""
-    return _run(x, fmt, axis, rounding, compat, seed, want_codes=True)
+             seed: int | None = None, scale_rule: str | None = None) -> QTensor:
+    """Quantize ``x`` to ``fmt`` along ``axis``; returns a QTensor of codes and scales.
+
+    ``scale_rule``: how MX shared exponents are found (``SCALE_RULES``; see the module
+    docstring). None keeps the format's own (``fmt.scale_rule``, "floor" unless
+    overridden with ``numfmt.get(name, scale_rule=...)``); a rule given here is
+    recorded in the QTensor's format."""
+    return _run(x, with_scale_rule(fmt, scale_rule), axis, rounding, compat, seed,
+                want_codes=True)
+
+
+def with_scale_rule(fmt, scale_rule):
+    """``fmt`` as a format object, with ``scale_rule`` applied when it is not None (a
+    ValueError names a bad rule, or a non-MX format given a rule other than "floor")."""
+    fmt = get(fmt)
+    if scale_rule is None:
+        return fmt
+    check_scale_rule(scale_rule)
+    if not isinstance(fmt, BlockFormat):
+        if scale_rule == "floor":
+            return fmt
+        raise ValueError(f"scale_rule={scale_rule!r} applies to MX block formats; "
+                         f"{fmt.name!r} is an element format")
+    if fmt.scale_rule == scale_rule:
+        return fmt
+    return get(fmt, scale_rule=scale_rule)
 
 
 def fake_quantize(x, fmt, *, axis: int = -1, rounding: str = "rne", compat: str = "ocp",
-                  seed: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+                  seed: int | None = None, out: np.ndarray | None = None,
+                  scale_rule: str | None = None) -> np.ndarray:
     """Exactly ``dequantize(quantize(x, ...))`` as float32, without materialising codes.
+    ``scale_rule`` as in ``quantize``.
 
     ``out``: an optional writeable C-contiguous float32 array of x's shape to write the
     result into (and return), as NumPy's ``out=``; it may be ``x`` itself. In a loop
     this saves the page faults of a fresh output array (about a third of the time on
     large tensors)."""
+    fmt = with_scale_rule(fmt, scale_rule)
     if out is not None:
         _check_out(out, x)
     return _run(x, fmt, axis, rounding, compat, seed, want_codes=False, out=out)
@@ -222,6 +276,7 @@ def _run(x, fmt, axis, rounding, compat, seed, *, want_codes, out=None):
         if rounding not in _MICROXCALING_MODES:
             raise ValueError(f"compat='microxcaling' supports rounding {_MICROXCALING_MODES} "
                              f"(its 'even', 'nearest', 'floor'), not {rounding!r}")
+        check_microxcaling_rule(fmt)
         x = x.astype(np.float32, copy=False)
     shape = x.shape
     x2, moved_shape = _rows(x.reshape(1) if x.ndim == 0 else x, ax)
@@ -250,7 +305,8 @@ def _run(x, fmt, axis, rounding, compat, seed, *, want_codes, out=None):
             K.mx_quantize(flat, xb, rows, L, bs, codes, scales, fake, want_codes, shift, emask,
                           fbias, absmask, special, is_int, elem.bits, fmt.element_scale_exp, m,
                           emin, fmt.element_emax, maxmag, mcm, lo, hi, mode,
-                          K.COMPAT_MX if compat == "microxcaling" else K.COMPAT_OCP, seed)
+                          K.COMPAT_MX if compat == "microxcaling" else K.COMPAT_OCP, seed,
+                          *scale_rule_params(fmt))
     elif fmt.scaling == "absmax":
         sdt = _SCALE_DTYPES.get(fmt.scale.name)
         if sdt is None:
@@ -298,6 +354,26 @@ def _run(x, fmt, axis, rounding, compat, seed, *, want_codes, out=None):
     scales = np.moveaxis(scales.reshape(scale_shape), -1, ax)
     return QTensor(np.ascontiguousarray(codes).reshape(shape), np.ascontiguousarray(scales), fmt,
                    ax, shape, tensor_scale=tensor_scale)
+
+
+def check_microxcaling_rule(fmt: BlockFormat) -> None:
+    if fmt.scale_rule != "floor":
+        raise ValueError(f"compat='microxcaling' has its own floor(log2f) scale; "
+                         f"scale_rule={fmt.scale_rule!r} is not allowed with it (only 'floor')")
+
+
+def scale_rule_params(fmt: BlockFormat) -> tuple[int, int, float]:
+    """(rule code, m, element_max) of an MX format's scale rule, for the kernels: m the
+    element's fraction bits in its top binade (mantissa bits; bits - 2 for MX integers,
+    whose codes are multiples of 2^(2-bits) below 2), element_max its largest value in
+    units of the block scale."""
+    elem = fmt.element
+    if isinstance(elem, IntFormat):
+        m = elem.bits - 2
+        emax_val = elem.max_code * 2.0 ** fmt.element_scale_exp
+    else:
+        m, emax_val = elem.mantissa_bits, elem.max_normal
+    return SCALE_RULES.index(fmt.scale_rule), m, emax_val
 
 
 def _into(y: np.ndarray, out):
@@ -382,6 +458,10 @@ def encode(values, elem_fmt, *, rounding: str = "rne", seed: int | None = None) 
                          fmt.has_inf, fmt.nan_code, fmt.inf_code, 0, 0, mode, seed)
         if not fmt.signed:
             tmp &= (1 << fmt.bits) - 1
+        if fmt.specials == "fnuz":
+            # no -0: a zero result of either sign is code 0 (the kernel wrote the -0
+            # code, which is the NaN here; an overflow to NaN has |x| > max_normal)
+            tmp[(tmp == fmt.nan_code) & (np.abs(flat) < fmt.max_normal)] = 0
         codes[:] = tmp
     return codes.reshape(x.shape)
 

@@ -13,6 +13,11 @@ Element formats
     * ``"nan_only"``  no Inf; only the all-ones code S.1..1.1..1 is NaN
                       (OCP FP8 E4M3, E8M0).
     * ``"none"``      every code is a finite number (OCP FP6, FP4).
+    * ``"fnuz"``      "finite, NaN, unsigned zero" (AMD MI300's FP8, as ml_dtypes'
+                      ``float8_e4m3fnuz`` / ``float8_e5m2fnuz``): no Inf, no negative
+                      zero; the code 1.0..0 (0x80, the negative-zero slot) is the single
+                      NaN and every other code is a finite number, the all-ones exponent
+                      field included. A result that rounds to zero is +0 whatever its sign.
 
     The value of a code with exponent field E and mantissa field M is
     ``(-1)^S * 2^(E - bias) * (1 + M / 2^m)`` for E >= 1 and the subnormal
@@ -32,6 +37,10 @@ Block formats
                     ``shared_exponent = floor(log2(amax)) - element_emax``.
                     MX integer elements carry an implicit scale
                     ``2^(2 - bits)`` (MXINT8: codes are multiples of 1/64).
+                    ``scale_rule`` picks how the shared exponent is found (the
+                    definitions of torchao's ``ScaleCalculationMode``; see
+                    ``numfmt.core`` and docs/scale_rules.md): ``"floor"`` (OCP, the
+                    default), ``"ceil"``, ``"even"``, ``"rceil"`` (NVIDIA cuBLAS).
     * ``"absmax"``  scaled integers (SINT): ``scale = amax / element_max``
                     rounded to nearest-even into ``scale`` (fp16 by default).
                     ``block_size=None`` means one scale for the whole axis.
@@ -55,12 +64,16 @@ __all__ = [
     "formats",
     "ROUNDINGS",
     "COMPATS",
+    "SCALE_RULES",
 ]
 
 ROUNDINGS = ("rne", "rna", "rtz", "rup", "rdn", "stochastic")
 COMPATS = ("ocp", "microxcaling")
-SPECIALS = ("ieee", "nan_only", "none")
+SPECIALS = ("ieee", "nan_only", "none", "fnuz")
 SCALINGS = ("mx", "absmax", "nvfp4")
+# How an MX block's shared exponent is found (torchao's ScaleCalculationMode names):
+# floor is OCP MX v1.0 section 6.3; see numfmt.core's docstring for each definition.
+SCALE_RULES = ("floor", "ceil", "even", "rceil")
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,9 @@ class FloatFormat:
             raise ValueError(f"specials={self.specials!r} is not one of {SPECIALS}")
         if self.specials == "ieee" and self.mantissa_bits == 0:
             raise ValueError("specials='ieee' needs at least one mantissa bit (Inf and NaN)")
+        if self.specials == "fnuz" and not (self.signed and self.subnormals):
+            raise ValueError("specials='fnuz' needs a signed format with subnormals (its NaN "
+                             "is the negative-zero code)")
         if self.bits > 32:
             raise ValueError(f"format {self.name!r} has {self.bits} bits; at most 32 are supported")
 
@@ -146,9 +162,12 @@ class FloatFormat:
 
     @property
     def nan_code(self) -> int:
-        """The canonical (positive) NaN code, or -1 when the format has no NaN."""
+        """The canonical NaN code (the positive one where there are two), or -1 when the
+        format has no NaN. FNUZ formats have one NaN: the negative-zero code 1.0..0."""
         if self.specials == "none":
             return -1
+        if self.specials == "fnuz":
+            return 1 << (self.bits - 1)
         e_top = ((1 << self.exponent_bits) - 1) << self.mantissa_bits
         return e_top | ((1 << self.mantissa_bits) - 1)
 
@@ -224,6 +243,7 @@ class BlockFormat:
     block_size: int | None
     scale: FloatFormat
     scaling: str = "mx"
+    scale_rule: str = "floor"
 
     def __post_init__(self) -> None:
         if self.block_size is not None:
@@ -242,6 +262,14 @@ class BlockFormat:
                 f"MX scaling needs a power-of-two scale format such as e8m0, got {self.scale.name!r}")
         if self.block_size is None and self.scaling != "absmax":
             raise ValueError("block_size=None (one scale per axis) is only allowed with absmax scaling")
+        check_scale_rule(self.scale_rule)
+        if self.scale_rule != "floor" and self.scaling != "mx":
+            raise ValueError(f"scale_rule={self.scale_rule!r} applies to MX formats (scaling='mx'); "
+                             f"{self.name!r} has scaling {self.scaling!r}, whose only rule is "
+                             f"'floor' (the default)")
+        if isinstance(self.element, FloatFormat) and self.element.specials == "fnuz":
+            raise ValueError(f"block format {self.name!r}: FNUZ elements ({self.element.name!r}) "
+                             f"are element formats only; block formats take OCP elements")
 
     kind = "block"
 
@@ -276,6 +304,13 @@ class BlockFormat:
 
 
 Format = ElementFormat | BlockFormat
+
+
+def check_scale_rule(rule) -> str:
+    """``rule`` if it is one of SCALE_RULES, else a ValueError naming it and the allowed ones."""
+    if not isinstance(rule, str) or rule not in SCALE_RULES:
+        raise ValueError(f"scale_rule={rule!r} is not one of {SCALE_RULES}")
+    return rule
 
 
 def _check_int(what: str, value, lo: int, hi: int) -> None:
@@ -318,6 +353,10 @@ _FP16 = FloatFormat("fp16", 5, 10, 15, "ieee")
 _BF16 = FloatFormat("bf16", 8, 7, 127, "ieee")
 _FP32 = FloatFormat("fp32", 8, 23, 127, "ieee")
 _TF32 = FloatFormat("tf32", 8, 10, 127, "ieee")  # NVIDIA TensorFloat-32: FP32 range, 10 bits
+# AMD CDNA3 (MI300) FP8: bias one above OCP's, no Inf, no -0, 0x80 the single NaN
+# (the formats of ml_dtypes' float8_e4m3fnuz / float8_e5m2fnuz and LLVM's Float8E4M3FNUZ).
+_E4M3FNUZ = FloatFormat("fp8_e4m3fnuz", 4, 3, 8, "fnuz")
+_E5M2FNUZ = FloatFormat("fp8_e5m2fnuz", 5, 2, 16, "fnuz")
 
 _REGISTRY: dict[str, Format] = {}
 
@@ -327,7 +366,8 @@ def _register(fmt: Format, *aliases: str) -> None:
         _REGISTRY[key] = fmt
 
 
-for _f in (_E4M3, _E5M2, _E3M2, _E2M3, _E2M1, _E8M0, _FP16, _BF16, _FP32, _TF32):
+for _f in (_E4M3, _E5M2, _E3M2, _E2M3, _E2M1, _E8M0, _FP16, _BF16, _FP32, _TF32, _E4M3FNUZ,
+           _E5M2FNUZ):
     _register(_f)
 _register(IntFormat("int8", 8))
 _register(IntFormat("int4", 4))
@@ -342,7 +382,7 @@ _register(BlockFormat("nvfp4", _E2M1, 16, _E4M3, "nvfp4"))
 _register(BlockFormat("int8_channel", IntFormat("int8", 8), None, _FP32, "absmax"))
 
 _ELEMENT_OVERRIDES = ("saturating",)
-_BLOCK_OVERRIDES = ("block_size", "scale", "int_full_range", "element")
+_BLOCK_OVERRIDES = ("block_size", "scale", "int_full_range", "element", "scale_rule")
 
 
 def formats() -> list[str]:
@@ -354,8 +394,9 @@ def get(name, **overrides) -> Format:
     """Look up a format by name, optionally overriding parameters.
 
     Block formats take ``block_size`` (int >= 1, or None for absmax formats),
-    ``scale`` (a float format or its name) and ``int_full_range`` (MX/SINT
-    integer elements may use code -2^(b-1)). Float element formats take
+    ``scale`` (a float format or its name), ``int_full_range`` (MX/SINT
+    integer elements may use code -2^(b-1)) and, for MX formats, ``scale_rule``
+    (one of SCALE_RULES; "floor" is OCP's and the default). Float element formats take
     ``saturating``. A format object is returned unchanged (with overrides
     applied).
     """
@@ -385,6 +426,8 @@ def get(name, **overrides) -> Format:
             changes["scale"] = get(overrides["scale"])
         if "element" in overrides:
             changes["element"] = get(overrides["element"])
+        if "scale_rule" in overrides:
+            changes["scale_rule"] = check_scale_rule(overrides["scale_rule"])
         elem = changes.get("element", fmt.element)
         if "int_full_range" in overrides:
             if not isinstance(elem, IntFormat):

@@ -16,10 +16,14 @@ Hypothesis strategies
     range) and values built as grid * 2^X: exact ties, ties +- 1 ulp, the block
     amax a few ulps below a power of two (where floor(log2) and a float32 log2
     disagree), all-zero and -0.0 blocks, and, with ``specials``, NaN / +-Inf.
+    For an MX format whose ``scale_rule`` is not "floor", some blocks also put their
+    amax at and a few ulps around that rule's decision point (a power of two for
+    "ceil", (2 - 2^-(m+1)) * 2^k for "even", element_max * 2^k for "rceil").
 
-``check_quantizer(fn, fmt, *, rounding="rne", compat="ocp", max_examples=200, seed=0)``
+``check_quantizer(fn, fmt, *, rounding="rne", compat="ocp", max_examples=200, seed=0,
+scale_rule=None)``
     runs ``fn(x)`` on arrays from ``blocks(fmt)`` and compares the result with
-    ``numfmt.fake_quantize(x, fmt, rounding=..., compat=...)`` bit for bit
+    ``numfmt.fake_quantize(x, fmt, rounding=..., compat=..., scale_rule=...)`` bit for bit
     (float32 bit patterns; every NaN equals every NaN; +0.0 and -0.0 differ).
     ``fn`` takes a float32 ndarray of shape (n,) and returns the fake-quantized
     float32 ndarray of the same shape, or a ``numfmt.QTensor`` (dequantized
@@ -230,6 +234,11 @@ def _block_values(draw, fmt, size: int, specials: bool) -> list[float]:
             k = min(max(X + _emax(fmt) + 1, -125), 127)
             bound = float(_ulp_step(_f32(2.0 ** k), -draw(st.integers(1, 6))))
             vals[draw(st.integers(0, size - 1))] = draw(st.sampled_from([1.0, -1.0])) * bound
+        elif kind < 8 and getattr(fmt, "scale_rule", "floor") != "floor":
+            # amax at / around the scale rule's decision point
+            bound = _rule_boundary(fmt, X, draw(st.integers(-3, 3)))
+            if bound is not None:
+                vals[draw(st.integers(0, size - 1))] = draw(st.sampled_from([1.0, -1.0])) * bound
     out = []
     for v in vals:
         f = float(_f32(v))
@@ -237,6 +246,24 @@ def _block_values(draw, fmt, size: int, specials: bool) -> list[float]:
     if specials and draw(st.integers(0, 11)) == 0:
         out[draw(st.integers(0, size - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
     return out
+
+
+def _rule_boundary(fmt, X: int, ulps: int) -> float | None:
+    """A float32 magnitude ``ulps`` ulps from the point where ``fmt.scale_rule`` moves
+    the shared exponent, in the binade of a block with exponent X (None if not a finite
+    nonzero float32)."""
+    elem = fmt.element
+    if isinstance(elem, IntFormat):
+        m, vmax = elem.bits - 2, elem.max_code * 2.0 ** fmt.element_scale_exp
+    else:
+        m, vmax = elem.mantissa_bits, elem.max_normal
+    k = X + _emax(fmt)
+    point = {"ceil": 1.0, "even": 2.0 - 2.0 ** -(m + 1), "rceil": vmax}[fmt.scale_rule]
+    v = _f32(point * 2.0 ** (k if fmt.scale_rule != "rceil" else X))
+    if not (np.isfinite(v) and v > 0):
+        return None
+    v = _ulp_step(v, ulps)
+    return float(v) if np.isfinite(v) and v > 0 else None
 
 
 def blocks(fmt, n_blocks=(1, 3), specials: bool = True):
@@ -276,14 +303,17 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a.view(np.uint32) == b.view(np.uint32)) | (np.isnan(a) & np.isnan(b))
 
 
-def _describe(x, expected, got, fmt, rounding, compat) -> str:
+def _describe(x, expected, got, fmt, rounding, compat, scale_rule=None) -> str:
     bad = np.flatnonzero(~_same_bits(expected, got))
     i = int(bad[0])
     bs = _block_len(fmt) or x.size
     b = i // bs
     blk = slice(b * bs, min((b + 1) * bs, x.size))
+    rule = f", scale_rule={scale_rule!r}" if scale_rule is not None else (
+        f", scale_rule={fmt.scale_rule!r}" if getattr(fmt, "scale_rule", "floor") != "floor"
+        else "")
     return (f"quantizer differs from numfmt.fake_quantize(x, {fmt.name!r}, rounding={rounding!r}, "
-            f"compat={compat!r}) at {bad.size} of {x.size} elements; first at element {i} "
+            f"compat={compat!r}{rule}) at {bad.size} of {x.size} elements; first at element {i} "
             f"(block {b}, position {i - b * bs}):\n"
             f"  input    {hex_bits(x[i:i + 1])}  ({x[i]!r})\n"
             f"  expected {hex_bits(expected[i:i + 1])}  ({expected[i]!r})\n"
@@ -295,14 +325,18 @@ def _describe(x, expected, got, fmt, rounding, compat) -> str:
 
 def check_quantizer(fn, fmt, *, rounding: str = "rne", compat: str = "ocp",
                     max_examples: int = 200, seed: int = 0, specials: bool = True,
-                    n_blocks=(1, 3)) -> None:
+                    n_blocks=(1, 3), scale_rule: str | None = None) -> None:
     """Property-test ``fn`` against ``numfmt.fake_quantize`` (see the module docstring).
+
+    ``scale_rule`` (MX formats: one of ``numfmt.SCALE_RULES``; None keeps the format's
+    own, "floor" unless overridden) is the rule ``fn`` is checked against; the blocks
+    then also probe that rule's boundaries.
 
     ``seed`` fixes hypothesis' search (the same seed explores the same arrays) and is
     also the stochastic-rounding seed passed to numfmt when ``rounding="stochastic"``.
     Raises AssertionError with the first (shrunk) counterexample in hex bits.
     """
-    fmt = get(fmt)
+    fmt = numfmt.core.with_scale_rule(fmt, scale_rule)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
@@ -328,7 +362,7 @@ def check_quantizer(fn, fmt, *, rounding: str = "rne", compat: str = "ocp",
         expected = numfmt.fake_quantize(x, fmt, rounding=rounding, compat=compat, seed=nfseed)
         got = _call(x)
         if not _same_bits(expected, got).all():
-            raise AssertionError(_describe(x, expected, got, fmt, rounding, compat))
+            raise AssertionError(_describe(x, expected, got, fmt, rounding, compat, scale_rule))
 
     # shape and dtype do not depend on the data: check them once, without shrinking
     _call(np.linspace(-1, 1, 2 * (_block_len(fmt) or 8)).astype(np.float32))

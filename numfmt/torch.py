@@ -111,6 +111,7 @@ def _check_args(fmt, rounding, compat, seed, ndim):
             raise ValueError(f"compat='microxcaling' supports rounding "
                              f"{core._MICROXCALING_MODES} (its 'even', 'nearest', 'floor'), "
                              f"not {rounding!r}")
+        core.check_microxcaling_rule(fmt)
     return fmt, mode, 0 if seed is None else int(seed)
 
 
@@ -231,7 +232,8 @@ def _check_out(out, x: torch.Tensor) -> None:
 
 def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne",
                   compat: str = "ocp", seed: int | None = None, backend: str | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None,
+                  scale_rule: str | None = None) -> torch.Tensor:
     """Fake-quantize a tensor on its device; differentiable with the straight-through
     estimator. Returns float32 values cast to x's dtype.
 
@@ -239,10 +241,13 @@ def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne"
              implementation (any device); "compiled" the same through torch.compile;
              "numba" the Numba kernels (CPU only). All give the same bits.
     out      an optional contiguous tensor of x's shape, dtype and device to write the
-             result into (and return); it may be x itself. Not with autograd."""
+             result into (and return); it may be x itself. Not with autograd.
+    scale_rule  MX shared-exponent rule (``numfmt.SCALE_RULES``; None: the format's own,
+             "floor" by default), as in ``numfmt.quantize``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}; "
                         f"use numfmt.fake_quantize for NumPy arrays")
+    fmt = core.with_scale_rule(fmt, scale_rule)
     if out is not None:
         _check_out(out, x)
         if x.requires_grad and torch.is_grad_enabled():
@@ -257,12 +262,14 @@ def fake_quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne"
 
 def quantize(x: torch.Tensor, fmt, *, axis: int = -1, rounding: str = "rne",
              compat: str = "ocp", seed: int | None = None,
-             backend: str | None = None) -> QTensor:
+             backend: str | None = None, scale_rule: str | None = None) -> QTensor:
     """Quantize a tensor (computed on its device); returns the same NumPy-backed QTensor
-    as ``numfmt.quantize``, its codes and scales copied to the host."""
+    as ``numfmt.quantize``, its codes and scales copied to the host. ``scale_rule`` as
+    in ``numfmt.quantize``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}; "
                         f"use numfmt.quantize for NumPy arrays")
+    fmt = core.with_scale_rule(fmt, scale_rule)
     t = _check_tensor(x)
     bk = resolve_backend(backend, t.device)
     if bk == "numba":

@@ -18,6 +18,10 @@ docstrings):
   Saturating formats give +-max beyond the range; a zero keeps v's sign.
 * OCP MX: X = floor(log2 amax) - element_emax, clamped below at -127, > 127
   NaN; NaN/Inf in a block: scale 0xFF, all NaN; all-zero block: X = -127.
+  Scale rules (``mx_shared_exponent``, from torchao's ScaleCalculationMode
+  definitions): ceil X = ceil(log2 amax) - emax; even X = floor(log2 of amax
+  rounded to m fraction bits, ties away) - emax; rceil X = ceil(log2 d) with
+  d = amax / element_max rounded to float32 (RNE), clamped to -127..127.
 * SINT / per channel: scale = RNE_scalefmt(amax / element_max), element =
   round_mode(v / scale) saturated; zero scale gives zeros.
 * NVFP4: NVIDIA's float32 recipe, written with NumPy float32 scalars.
@@ -90,6 +94,69 @@ def to_f32(value: Fraction, neg_zero: bool = False) -> np.float32:
 # ---------------------------------------------------------------------------
 # element formats: every code, by the spec's formula
 # ---------------------------------------------------------------------------
+def ceil_log2(a: Fraction) -> int:
+    """ceil(log2(a)) for a > 0, exactly."""
+    e = floor_log2(a)
+    return e if Fraction(2) ** e == a else e + 1
+
+
+F32_MAX = (2 - Fraction(1, 2 ** 23)) * Fraction(2) ** 127
+
+
+def round_to_f32(v: Fraction) -> Fraction | None:
+    """v >= 0 rounded to float32 by RNE (exactly, once); None when it overflows to Inf."""
+    r = round_float_formula(v, 23, -126, "rne")
+    return None if r > F32_MAX else r
+
+
+def mx_shared_exponent(amax: Fraction, fmt, rule: str = "floor", float64_input: bool = False):
+    """The shared exponent X of an MX block whose values are finite, from its exact amax,
+    by scale rule; None for a NaN scale. Written from torchao's ScaleCalculationMode
+    (torchao.prototype.mx_formats.mx_tensor.to_mx) and numfmt's documented extensions:
+
+        floor  floor(log2 amax) - emax                        (OCP MX v1.0)
+        ceil   ceil(log2 amax) - emax
+        even   floor(log2 R(amax)) - emax, R rounds to m fraction bits after the leading
+               bit, ties away (m = element mantissa bits; bits - 2 for MX integers)
+        rceil  ceil(log2 d), d = RNE_float32(amax / element_max) (float64 input: the
+               quotient rounded to float64 first); d = 0: -127; d = Inf: 127
+
+    Then X < -127 becomes -127; X > 127 a NaN scale (rceil: clamped to 127). An all-zero
+    block has X = -127."""
+    elem = fmt.element
+    is_int = elem.kind == "int"
+    emax = 0 if is_int else elem.emax
+    if amax == 0:
+        return -127
+    if rule == "floor":
+        X = floor_log2(amax) - emax
+    elif rule == "ceil":
+        X = ceil_log2(amax) - emax
+    elif rule == "even":
+        m = elem.bits - 2 if is_int else elem.mantissa_bits
+        e = floor_log2(amax)
+        q = Fraction(2) ** (e - m)  # the quantum of m fraction bits in amax's binade
+        n = amax / q
+        r = math.floor(n + Fraction(1, 2)) * q  # ties away (amax > 0)
+        X = floor_log2(r) - emax
+    elif rule == "rceil":
+        _, vmax, _ = mx_element_values(fmt)
+        quot = amax / vmax
+        if float64_input:
+            quot = Fraction(float(quot))  # correctly rounded to float64 (Python's Fraction)
+        d = round_to_f32(quot)
+        if d is None:
+            X = 127
+        elif d == 0:
+            X = -127
+        else:
+            X = min(ceil_log2(d), 127)
+    else:
+        raise ValueError(f"unknown scale rule {rule!r}")
+    X = max(X, -127)
+    return None if X > 127 else X
+
+
 def decode_code(code: int, fmt):
     """(kind, value) of one code: kind in {"num", "inf", "nan"}; value a Fraction with
     the sign of zero returned as a separate flag: ("num", Fraction, negative)."""
@@ -105,6 +172,8 @@ def decode_code(code: int, fmt):
         return ("inf" if M == 0 else "nan"), None, bool(S)
     if fmt.specials == "nan_only" and E == top and M == (1 << m) - 1:
         return "nan", None, bool(S)
+    if fmt.specials == "fnuz" and S and E == 0 and M == 0:  # the negative-zero code
+        return "nan", None, True
     if E == 0 and fmt.subnormals:
         mag = Fraction(M, 1 << m) * Fraction(2) ** (1 - fmt.bias)
     else:
@@ -255,6 +324,13 @@ def round_float_formula(v: Fraction, m: int, emin: int, mode: str, u: int | None
 # ---------------------------------------------------------------------------
 # element encode (no block scale)
 # ---------------------------------------------------------------------------
+def _nan_code(g: Grid, sign_bit: int) -> int:
+    """The canonical NaN: the positive all-ones code, or the only NaN there is (FNUZ:
+    the negative-zero code)."""
+    pos = [c for c in g.nan_codes if not (c & sign_bit)]
+    return max(pos) if pos else g.nan_codes[0]
+
+
 def encode_one(x, fmt, mode: str, u: int | None = None) -> int:
     """Code of one float64 value x in an element format (numfmt.encode's rules)."""
     if fmt.kind == "int":
@@ -271,8 +347,7 @@ def encode_one(x, fmt, mode: str, u: int | None = None) -> int:
     g = grid(fmt)
     sign_bit = 1 << (fmt.bits - 1) if fmt.signed else 0
     if math.isnan(x):
-        # the canonical NaN: the positive all-ones code
-        return max(c for c in g.nan_codes if not (c & sign_bit))
+        return _nan_code(g, sign_bit)
     neg = math.copysign(1.0, x) < 0
     if math.isinf(x):
         if fmt.has_inf:
@@ -295,7 +370,7 @@ def encode_one(x, fmt, mode: str, u: int | None = None) -> int:
             return g.code(-g.max if neg else g.max)
         if fmt.has_inf:
             return g.inf_codes[neg]
-        return max(c for c in g.nan_codes if not (c & sign_bit))
+        return _nan_code(g, sign_bit)
     return g.code(r, negative_zero=neg)
 
 
@@ -352,8 +427,10 @@ def mx_element_values(fmt):
     return g.values, g.max, g
 
 
-def quantize_mx(x, fmt, axis=-1, mode="rne", seed=0) -> Result:
-    """OCP MX v1.0 (compat="ocp"), exactly."""
+def quantize_mx(x, fmt, axis=-1, mode="rne", seed=0, rule=None) -> Result:
+    """OCP MX v1.0 (compat="ocp"), exactly; the shared exponent by ``rule`` (default: the
+    format's ``scale_rule``), see ``mx_shared_exponent``."""
+    rule = getattr(fmt, "scale_rule", "floor") if rule is None else rule
     x = np.asarray(x)
     if x.dtype != np.float64:
         x = x.astype(np.float32)
@@ -366,7 +443,6 @@ def quantize_mx(x, fmt, axis=-1, mode="rne", seed=0) -> Result:
     flat = x2.reshape(-1)
     values, vmax, g = mx_element_values(fmt)
     is_int = fmt.element.kind == "int"
-    emax = 0 if is_int else fmt.element.emax
     codes = np.zeros(flat.size, np.int64)
     fake = np.zeros(flat.size, np.float32)
     scales = np.zeros(rows * nblk, np.int64)
@@ -378,9 +454,7 @@ def quantize_mx(x, fmt, axis=-1, mode="rne", seed=0) -> Result:
                 X = None
             else:
                 amax = max(abs(frac(v)) for v in blk)
-                X = -127 if amax == 0 else max(floor_log2(amax) - emax, -127)
-                if X > 127:
-                    X = None
+                X = mx_shared_exponent(amax, fmt, rule, x.dtype == np.float64)
             if X is None:
                 scales[r * nblk + b] = 255
                 for i in idx:

@@ -1,5 +1,7 @@
 """Element formats: every code against ml_dtypes, RNE casts against ml_dtypes, every
-rounding mode against the slow reference (tests/numfmt_suite/reference.py)."""
+rounding mode against the slow reference (tests/numfmt_suite/reference.py). The FNUZ
+formats (AMD MI300's FP8) against ml_dtypes' float8_e4m3fnuz / float8_e5m2fnuz,
+saturating (numfmt's default) and not (ml_dtypes' own casts)."""
 import math
 from fractions import Fraction
 
@@ -22,6 +24,8 @@ ML = {
     "fp4_e2m1": ml_dtypes.float4_e2m1fn,
     "e8m0": ml_dtypes.float8_e8m0fnu,
 }
+FNUZ = {"fp8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz, "fp8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz}
+ML.update(FNUZ)
 WIDE_ML = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 INTS = ["int8", "int4", "int2"]
 MODES = ref.ROUNDINGS
@@ -41,6 +45,7 @@ def same_f32(a, b):
     ("fp8_e4m3", 448.0, False, True), ("fp8_e5m2", 57344.0, True, True),
     ("fp6_e3m2", 28.0, False, False), ("fp6_e2m3", 7.5, False, False),
     ("fp4_e2m1", 6.0, False, False), ("fp16", 65504.0, True, True),
+    ("fp8_e4m3fnuz", 240.0, False, True), ("fp8_e5m2fnuz", 57344.0, False, True),
     ("bf16", float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), True, True),
 ])
 def test_format_parameters_match_spec(name, max_value, has_inf, has_nan):
@@ -168,6 +173,8 @@ ELEMENT_FORMATS = [numfmt.get(n) for n in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "
     numfmt.get("fp8_e4m3", saturating=False),
     numfmt.get("fp8_e5m2", saturating=False),
     numfmt.get("fp16", saturating=False),
+    numfmt.get("fp8_e4m3fnuz"), numfmt.get("fp8_e5m2fnuz"),
+    numfmt.get("fp8_e4m3fnuz", saturating=False), numfmt.get("fp8_e5m2fnuz", saturating=False),
     numfmt.float_format(3, 1, specials="none", name="fp5_e3m1"),
     numfmt.float_format(4, 2, bias=9, specials="nan_only", name="fp7_e4m2_b9"),
     numfmt.float_format(2, 2, subnormals=False, specials="none", name="fp5_e2m2_nosub"),
@@ -279,3 +286,63 @@ def test_nonsaturating_overflow_rules():
     assert list(y) == [57344.0, np.inf, -np.inf]
     assert math.isinf(numfmt.decode(numfmt.encode(np.float32([1e9]), e5, rounding="rup"), e5)[0])
     assert numfmt.decode(numfmt.encode(np.float32([1e9]), e5, rounding="rdn"), e5)[0] == 57344.0
+
+
+# ---------------------------------------------------------------------------
+# FNUZ (AMD MI300 FP8): one NaN (0x80), no -0, no Inf, bias 8 / 16
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(FNUZ))
+def test_fnuz_parameters(name):
+    fmt = numfmt.get(name)
+    fi = ml_dtypes.finfo(FNUZ[name])
+    assert fmt.bias == {"fp8_e4m3fnuz": 8, "fp8_e5m2fnuz": 16}[name]
+    assert (fmt.max_normal, fmt.min_normal, fmt.min_subnormal) == \
+        (float(fi.max), float(fi.smallest_normal), float(fi.smallest_subnormal))
+    assert fmt.nan_code == 0x80 and fmt.inf_code == -1 and fmt.max_code == 0x7F
+    vals = numfmt.decode(np.arange(256, dtype=np.uint8), fmt)
+    assert np.flatnonzero(np.isnan(vals)).tolist() == [0x80]
+    assert not np.isinf(vals).any()
+    assert np.flatnonzero(vals == 0).tolist() == [0] and not np.signbit(vals[0])
+    assert np.isnan(numfmt.decode_table(fmt)[0x80])
+
+
+@pytest.mark.parametrize("name", sorted(FNUZ))
+@pytest.mark.parametrize("mode", MODES)
+def test_fnuz_zero_has_no_sign(name, mode):
+    """Zeros of either sign and negative values that round to zero encode as 0x00 (the
+    -0 code is the NaN), in every mode; NaN is 0x80; -tiny rounded down is -min."""
+    fmt = numfmt.get(name)
+    tiny = np.float32(fmt.min_subnormal / 4)
+    c = numfmt.encode(np.float32([-0.0, 0.0, -tiny, tiny, np.nan]), fmt, rounding=mode, seed=2)
+    want_neg = 0x81 if mode == "rdn" else 0x00
+    want_pos = 0x01 if mode == "rup" else 0x00
+    if mode == "stochastic":  # up with probability 1/4: either neighbour
+        assert c[2] in (0x00, 0x81) and c[3] in (0x00, 0x01)
+    else:
+        assert (c[2], c[3]) == (want_neg, want_pos)
+    assert (c[0], c[1], c[4]) == (0, 0, 0x80)
+
+
+@pytest.mark.parametrize("name", sorted(FNUZ))
+def test_fnuz_casts_equal_ml_dtypes_codes(name):
+    """Codes (not only values) equal ml_dtypes' float32 -> fnuz casts: non-saturating
+    (overflow and +-Inf are NaN, as ml_dtypes casts) and saturating after clipping."""
+    fmt = numfmt.get(name)
+    dt = FNUZ[name]
+    x = np.concatenate([edge_values(fmt), random_values(4000, 1), random_values(500, 2, -150, -100),
+                        random_values(300, 4, 10, 20),
+                        np.float32([np.inf, -np.inf, np.nan, -0.0, 1e30, -1e30, 3.4e38])])
+    got = numfmt.encode(x, numfmt.get(name, saturating=False))
+    want = x.astype(dt).view(np.uint8)
+    bad = got != want
+    assert not bad.any(), list(zip(x[bad][:5], got[bad][:5], want[bad][:5]))
+    got = numfmt.encode(x, fmt)
+    want = ml_cast_after_saturation(x, name, fmt).astype(dt).view(np.uint8)
+    assert np.array_equal(got, want)
+
+
+def test_fnuz_elements_stay_out_of_block_formats():
+    with pytest.raises(ValueError, match="FNUZ elements"):
+        numfmt.get("mxfp8_e4m3", element="fp8_e4m3fnuz")
+    with pytest.raises(ValueError, match="specials='fnuz' needs a signed format"):
+        numfmt.float_format(4, 3, bias=8, specials="fnuz", signed=False)
