@@ -33,7 +33,7 @@ from analysis.loraq.checks import as_activations
 from analysis.loraq.common import build_result
 from analysis.recipe import DEFAULT_SMOOTHING, Recipe
 
-__all__ = ["fit_weight", "fit_layers", "fp16_rank", "Progress", "FIT_THREADS"]
+__all__ = ["fit_weight", "fit_layers", "fp16_rank", "branch_rank", "Progress", "FIT_THREADS"]
 
 # In-process layer fits run on this many threads (the Numba kernels release the GIL and
 # torch runs on one thread inside each fit), largest layers first; the bits do not depend
@@ -41,10 +41,16 @@ __all__ = ["fit_weight", "fit_layers", "fp16_rank", "Progress", "FIT_THREADS"]
 FIT_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
+def branch_rank(recipe: Recipe, shape) -> int | None:
+    """The explicit rank for a layer of ``shape``, capped at min(out, in) - 1 (the same for
+    every method); None when the recipe gives none (the method's rank rule applies)."""
+    return None if recipe.rank is None else max(1, min(recipe.rank, min(shape) - 1))
+
+
 def fp16_rank(recipe: Recipe, shape) -> int:
-    """The rank of an FP16 (SVDQuant) branch: explicit, else ``ref_rank`` capped at
+    """The rank of an FP16 (SVDQuant) branch: explicit (capped), else ``ref_rank`` capped at
     min(out, in) - 1."""
-    return recipe.rank or max(1, min(recipe.ref_rank, min(shape) - 1))
+    return branch_rank(recipe, shape) or max(1, min(recipe.ref_rank, min(shape) - 1))
 
 
 def fit_weight(W, recipe: Recipe, activations=None, device=None):
@@ -65,7 +71,8 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
     branch = recipe.branch_weight
     if recipe.method != "loraq":
         return loraq.METHOD_FUNCTIONS[recipe.method](W, main=main, branch=branch,
-                                                     rank=recipe.rank, ref_rank=recipe.ref_rank)
+                                                     rank=branch_rank(recipe, W.shape),
+                                                     ref_rank=recipe.ref_rank)
     kw = {} if recipe.steps is None else {"steps": recipe.steps, "schedule": "cosine"}
     if recipe.lr is not None:
         kw["lr"] = recipe.lr
@@ -73,7 +80,8 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
         kw["device"] = device
 
     def run(Ws):
-        return loraq.METHOD_FUNCTIONS["loraq"](Ws, main=main, branch=branch, rank=recipe.rank,
+        return loraq.METHOD_FUNCTIONS["loraq"](Ws, main=main, branch=branch,
+                                               rank=branch_rank(recipe, Ws.shape),
                                                seed=recipe.seed, ref_rank=recipe.ref_rank, **kw)
 
     if acts is None:

@@ -30,8 +30,8 @@ from analysis.layers import QuantConv1x1, QuantLinear
 from analysis.models.base import layer_weight, quantizable_layers
 from analysis.recipe import Recipe
 
-__all__ = ["quantize_", "select_layers", "check_ranks", "capture_activations", "Activations",
-           "quantized_modules", "swap"]
+__all__ = ["quantize_", "select_layers", "check_ranks", "capped_notes", "capture_activations",
+           "Activations", "quantized_modules", "swap"]
 
 
 class Activations(dict):
@@ -61,16 +61,35 @@ def select_layers(model: nn.Module, layers=None) -> list[str]:
     return list(layers)
 
 
-def check_ranks(recipes: Sequence[Recipe], shapes: Mapping[str, tuple]) -> None:
-    """An explicit branch rank larger than a layer's width is refused, naming the layer."""
+def check_ranks(recipes: Sequence[Recipe], shapes: Mapping[str, tuple]) -> dict:
+    """The layers whose width an explicit branch rank does not fit: {recipe name: (rank,
+    [(layer, shape), ...])}. Those layers get rank min(out, in) - 1 (``analysis.fit.branch_rank``), the
+    same for every method. A rank that no layer can take is refused, naming the widest."""
+    capped = {}
     for r in recipes:
         if not (r.has_branch and r.rank):
             continue
-        for n, shp in shapes.items():
-            if r.rank > min(shp):
-                raise InputError(f"configuration {r.name}: rank {r.rank} exceeds the width of "
-                                 f"layer {n} (out x in = {shp[0]} x {shp[1]}); the rank must be "
-                                 f"<= {min(shp)}, or give no r<rank> for the default rank")
+        narrow = [(n, tuple(shp)) for n, shp in shapes.items() if r.rank >= min(shp)]
+        if shapes and len(narrow) == len(shapes):
+            n, shp = max(narrow, key=lambda x: min(x[1]))
+            raise InputError(f"configuration {r.name}: rank {r.rank} exceeds the width of every "
+                             f"layer (the widest, {n}, is out x in = {shp[0]} x {shp[1]}: the "
+                             f"rank must be < {min(shp)}); give a smaller r<rank>, or none for "
+                             "the default rank")
+        if narrow:
+            capped[r.name] = (r.rank, narrow)
+    return capped
+
+
+def capped_notes(capped: Mapping[str, list]) -> list[str]:
+    """One line per recipe whose explicit rank some layers cannot hold (``check_ranks``)."""
+    out = []
+    for name, (rank, layers) in capped.items():
+        n, shp = layers[0]
+        out.append(f"{name}: rank {rank} is not below the width of {len(layers)} layer(s) (e.g. "
+                   f"{n}, {shp[0]} x {shp[1]}); each of them gets rank min(out, in) - 1, for "
+                   "SVDQuant and LoRaQ alike, and records its requested rank (rank_requested)")
+    return out
 
 
 def capture_activations(model: nn.Module, calibration, names: Sequence[str]) -> Activations:

@@ -13,6 +13,7 @@ overhead against the main-only bits, and the energy sums.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -56,6 +57,8 @@ def layer_record(n, W, result, q, recipe: Recipe, tokens: int, measured: dict,
     accumulator widths (worst case, l1 bound, ``observed``) and cost."""
     rec = {"name": n, "shape": list(W.shape), "method": recipe.layer_method, "rank": q.rank,
            "weight_error": weight_error(W, result)}
+    if recipe.rank is not None and recipe.rank >= min(W.shape):  # capped at min(out, in) - 1
+        rec["rank_requested"] = recipe.rank
     rec.update(measured)
     rec.update(_gemm_bits(q.acc_bits_worst(), q.acc_bits_l1(), observed))
     rec.update(_cost_fields(n, W.shape, recipe.config, q.rank, tokens))
@@ -87,8 +90,11 @@ def _gemm_bits(worst: dict, l1: dict, observed: dict) -> dict:
 
 
 def _cost_fields(name: str, shape, cfg, rank: int, tokens: int) -> dict:
+    """The cost model's fields for the layer's actual ``rank`` (an explicit rank capped at a
+    narrow layer's width is costed as capped)."""
     out_f, in_f = shape
-    lc = layer_cost((name, in_f, out_f, tokens), cfg, rank=max(rank, 1) if cfg.has_branch else None)
+    lc = layer_cost((name, in_f, out_f, tokens), dataclasses.replace(cfg, rank=None),
+                    rank=max(rank, 1) if cfg.has_branch else None)
     return {"energy_pj": lc.energy_pj, "compute_energy_pj": lc.compute_energy_pj,
             "memory_energy_pj": lc.memory_energy_pj, "compute_pj": dict(lc.compute_pj),
             "memory_pj": dict(lc.memory_pj), "weight_bits": lc.weight_bits,

@@ -276,14 +276,33 @@ def test_bad_model_dirs_refused(tmp_path, capsys):
     assert "remote code" in capsys.readouterr().err
 
 
-def test_rank_wider_than_a_layer_refused(tmp_path, capsys):
+def test_rank_wider_than_every_layer_refused(tmp_path, capsys):
     d = _pixart_dir(tmp_path)
     out = tmp_path / "r"
     rc = main(["report", "--model", str(d), "--configs", "W4A4+W8A8r40", "--steps", "1",
                "--no-progress", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "rank 40 exceeds the width of layer" in err and "<= " in err
+    assert rc == 2 and "rank 40 exceeds the width of every layer (the widest" in err
+    assert err.count("\n") == 1
     assert not (out / "results.json").exists()
+
+
+def test_rank_capped_on_narrow_layers_recorded(tmp_path, capsys):
+    """r20 fits the 32-wide layers but not the 16-wide caption projection: those get rank
+    15, for SVDQuant and LoRaQ alike, recorded per layer and said in the notes."""
+    d = _pixart_dir(tmp_path)
+    out = tmp_path / "c"
+    rc = main(["report", "--model", str(d), "--configs", "W4A4+W8A8r20,W4A4+FP16r20", "--steps",
+               "1", "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    for cfg in res["configs"].values():
+        narrow = [L for L in cfg["layers"] if min(L["shape"]) <= 20]
+        assert narrow and all(L["rank"] == min(L["shape"]) - 1 and L["rank_requested"] == 20
+                              for L in narrow)
+        assert all(L["rank"] == 20 and "rank_requested" not in L for L in cfg["layers"]
+                   if min(L["shape"]) > 20)
+    assert sum("rank 20 is not below the width" in n for n in res["settings"]["notes"]) == 2
 
 
 def test_quantizable_layers_lists_what_stays_fp():

@@ -67,6 +67,18 @@ def test_optimize_every_method(tmp_path, weights_file, method, capsys):
     assert {m["method"] for m in index["layers"].values()} == {method}
 
 
+def test_a_rank_above_a_narrow_layer_is_capped(tmp_path, weights_file, capsys):
+    """r40 fits the 48 x 64 layer but not the 32 x 48 one: that one gets rank 31, for
+    LoRaQ and SVDQuant alike, and the command says so before any work."""
+    rc = _quantize(tmp_path / "c", "--model", str(weights_file), "--configs",
+                   "W4A4+W8A8r40,W4A4+FP16r40")
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("is not below the width of 1 layer(s) (e.g. b.weight") == 2
+    for cfg in ("W4A4_W8A8r40", "W4A4_FP16r40"):
+        layers = load_quantized(tmp_path / "c" / cfg)
+        assert layers["a.weight"].rank == 40 and layers["b.weight"].rank == 31
+
+
 def test_quantize_dit_digits_and_a_diffusers_dir(tmp_path, capsys):
     from diffusers import PixArtTransformer2DModel
 
@@ -145,8 +157,8 @@ def test_bad_input_is_one_line(tmp_path, weights_file, capsys):
     torch.save({"w": torch.zeros(4, 4)}, pickled)
     _one_line_error(capsys, ["quantize", "--model", str(pickled), "--configs", "W4A4", "--out",
                              str(tmp_path / "b")], "pickled")
-    _one_line_error(capsys, base + ["--configs", "W4A4+W8A8r40", "--out", str(tmp_path / "c")],
-                    "exceeds the width of layer b.weight")
+    _one_line_error(capsys, base + ["--configs", "W4A4+W8A8r48", "--out", str(tmp_path / "c")],
+                    "exceeds the width of every layer (the widest, a.weight")
     assert not (tmp_path / "c" / MANIFEST).exists()
     # a damaged checkpoint, on load
     assert main(base + ["--configs", "W4A4", "--out", str(tmp_path / "ok")]) == 0

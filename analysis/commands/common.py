@@ -148,14 +148,15 @@ class Bar:
             self.bar.close()
 
 
-def check_source_ranks(src, recipes) -> None:
-    """Refuse, before any work, an explicit rank that one of the source's layers cannot take
-    (one line naming the layer)."""
+def check_source_ranks(src, recipes) -> list[str]:
+    """Before any work: refuse an explicit rank that no layer of the source can take (one
+    line naming the widest layer); returns a note for each recipe whose rank is capped on
+    some narrow layers (``analysis.quantize.check_ranks``)."""
     from analysis.models.base import layer_weight
-    from analysis.quantize import check_ranks
+    from analysis.quantize import capped_notes, check_ranks
 
     if src.module is not None:
         shapes = {n: tuple(layer_weight(src.module.get_submodule(n)).shape) for n in src.layers}
     else:
         shapes = {k: v.shape for k, v in src.weights.items() if getattr(v, "ndim", 0) == 2}
-    check_ranks(recipes, shapes)
+    return capped_notes(check_ranks(recipes, shapes))

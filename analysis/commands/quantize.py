@@ -143,7 +143,8 @@ def _read_input(args):
     recipes = analyzer.recipes_for(args.configs, opts)
     if src.module is None:  # a weights file: data-free, nothing to smooth with
         recipes = [r.replace(smoothing=None) if r.method == "svdquant" else r for r in recipes]
-    check_source_ranks(src, recipes)
+    for note in check_source_ranks(src, recipes):
+        print(note)
     dirs = {r.name: out if len(recipes) == 1 else out / slug(r.name) for r in recipes}
     plan = []
     for r in recipes:

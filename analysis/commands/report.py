@@ -201,7 +201,7 @@ def _read_input(args):
                                     mode=args.mode, layers=src.layers, groups=src.groups,
                                     end_metric=src.end_metric, device=args.device)
     cfgs = analyzer.recipes_for(configs, opts)
-    check_source_ranks(src, cfgs)
+    src.notes = list(src.notes) + check_source_ranks(src, cfgs)
     cfg_names = [c.name for c in cfgs]
     settings = {
         "version": SETTINGS_VERSION, "model": src.name, "model_kind": src.kind,
