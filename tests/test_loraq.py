@@ -155,8 +155,11 @@ def test_optimizer_improves_on_its_init_and_on_baselines(res):
     assert res.rel_error < h[0] * 0.97
     assert abs(res.rel_error - h.min()) < 2e-3 * h.min()   # returns the best iterate
     nv = naive(W0, rank=res.rank)
-    sq = svdquant(W0, rank=8)   # FP16 rank 8 has the memory of mxint8 rank 15 here
     assert res.rel_error < nv.rel_error < rtn(W0).rel_error
+    # against SVDQuant at equal memory: LoRaQ's MXINT8 rank 62 against the FP16 rank 32 it
+    # was sized for (storage within 0.1 %)
+    sq = svdquant(W0, rank=32)
+    assert abs(res.bits / sq.bits - 1) < 1e-3
     assert res.rel_error < sq.rel_error
 
 
@@ -264,13 +267,16 @@ def test_svdquant_is_top_svd_plus_quantized_residual():
     assert svdquant(W0, rank=8, refine_iters=3).rel_error <= r.rel_error
 
 
-def test_svdquant_smoothing_does_not_hurt_output_error():
+def test_svdquant_smoothing_lowers_output_error_on_outlier_channels():
+    """On activations with outlier channels, the searched smoothing (a grid without the
+    no-smoothing point (0, 0), so the win is not by construction) lowers the output error."""
     rng = np.random.default_rng(1)
     X = rng.standard_normal((64, 256)) * np.exp(rng.standard_normal(256))[None, :]
     plain = svdquant(W0, rank=8, activations=X, alpha_grid=(0.0,), beta_grid=(0.0,))
     assert np.all(plain.smooth == 1)
-    sm = svdquant(W0, rank=8, activations=X)
-    assert sm.smooth.shape == (256,) and sm.output_rel_error <= plain.output_rel_error
+    grid = (0.25, 0.5, 0.75, 1.0)
+    sm = svdquant(W0, rank=8, activations=X, alpha_grid=grid, beta_grid=grid)
+    assert sm.smooth.shape == (256,) and sm.output_rel_error < 0.9 * plain.output_rel_error
     # a layer that divides its input by smooth and uses the stored matrices equals x @ w_hat^T
     stored = (numfmt.dequantize(sm.main).astype(np.float64)
               + numfmt.dequantize(sm.left).astype(np.float64) @ numfmt.dequantize(sm.right))

@@ -117,7 +117,22 @@ def _bert_inputs(seed):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "return_dict": False}
 
 
-MODELS = {"pixart": (_pixart, _pixart_inputs), "bert": (_bert, _bert_inputs)}
+def _dit():
+    from analysis.models.dit_digits import core
+
+    return core.load()[0].transformer
+
+
+def _dit_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(3, 1, 8, 8, generator=g),
+            "encoder_hidden_states": torch.randn(3, 4, 64, generator=g),
+            "timestep": torch.tensor([900, 500, 100]),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}, "return_dict": False}
+
+
+MODELS = {"pixart": (_pixart, _pixart_inputs), "bert": (_bert, _bert_inputs),
+          "dit-digits": (_dit, _dit_inputs)}
 
 
 def _output(model, batch) -> torch.Tensor:
@@ -147,10 +162,11 @@ for d, kind, out in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
 def test_save_load_in_a_fresh_process_is_bit_identical(tmp_path):
     """quantize_, save_quantized; load_quantized(dir) in a fresh process (the model rebuilt
     from config.json) gives the in-memory quantized model's outputs bit for bit: a tiny
-    PixArt-Sigma transformer and a transformers BERT, for RTN, SVDQuant and LoRaQ."""
+    PixArt-Sigma transformer and a transformers BERT for RTN, SVDQuant and LoRaQ, and the
+    built-in dit-digits transformer for LoRaQ."""
     args, expected = [], {}
     for kind in MODELS:
-        for recipe in RECIPES:
+        for recipe in (RECIPES if kind != "dit-digits" else RECIPES[2:]):
             model = _quantized(kind, recipe)
             q = model.get_submodule(analysis.quantize.quantized_layers(model).popitem()[0])
             assert isinstance(q, QuantLinear) and q.recipe.name == recipe
