@@ -28,7 +28,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["sum_squares", "sqnr_db", "db", "output_cosine", "frechet_distance", "psnr_db", "feature_distance", "class_accuracy"]
+__all__ = ["sum_squares", "sqnr_db", "db", "output_cosine", "frechet_distance", "psnr_db",
+           "psnr_from_mse", "feature_distance", "feature_distances", "class_accuracy"]
 
 
 def sum_squares(t: torch.Tensor) -> float:
@@ -74,7 +75,7 @@ def output_cosine(fp, q) -> dict:
     ua, ub = _unit(a), _unit(b)
     cos = np.sum(ua * ub, axis=1)
     out = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "top1_agreement": None,
-           "n": int(len(a))}
+           "n": int(len(a)), "per_sample": {"cosine": [float(c) for c in cos]}}
     if len(a) >= 3:
         def nn_index(u):
             s = u @ u.T
@@ -125,12 +126,23 @@ def psnr_db(ref, test, peak: float = 2.0) -> float:
     return 10.0 * math.log10(peak * peak / mse)
 
 
-def feature_distance(f_ref, f_test) -> float:
-    """Mean ||u_i - v_i|| of unit-normalized features of the same samples (0 when equal)."""
+def psnr_from_mse(mse, peak: float = 2.0) -> float:
+    """PSNR dB from per-sample MSEs of equal-size images: 10 log10(peak^2 / mean MSE)."""
+    m = float(np.mean(mse))
+    return math.inf if m == 0 else 10.0 * math.log10(peak * peak / m)
+
+
+def feature_distances(f_ref, f_test) -> np.ndarray:
+    """||u_i - v_i|| of unit-normalized features of the same samples, per sample (N,)."""
     a, b = _as2d(f_ref, "f_ref"), _as2d(f_test, "f_test")
     if a.shape != b.shape:
         raise ValueError(f"feature shapes differ: {a.shape} and {b.shape}")
-    return float(np.mean(np.linalg.norm(_unit(a) - _unit(b), axis=1)))
+    return np.linalg.norm(_unit(a) - _unit(b), axis=1)
+
+
+def feature_distance(f_ref, f_test) -> float:
+    """Mean ||u_i - v_i|| of unit-normalized features of the same samples (0 when equal)."""
+    return float(np.mean(feature_distances(f_ref, f_test)))
 
 
 def class_accuracy(logits, labels) -> float:

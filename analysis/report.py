@@ -33,9 +33,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from numfmt.fileio import write_atomic, write_json_atomic
 
-__all__ = ["build_results", "headline", "write_report", "render_markdown", "render_html",
+from analysis import confidence
+from analysis.metrics import psnr_from_mse
+
+__all__ = ["build_results", "headline", "verdict_table", "write_report", "render_markdown", "render_html",
            "layers_csv", "plots", "CSV_FIELDS"]
 
 CSV_FIELDS = ("config", "name", "out", "in", "method", "rank", "weight_error", "act_error",
@@ -74,6 +79,36 @@ def present_metrics(configs: dict, reference: dict | None = None) -> list[tuple]
     return [m for m in END_METRICS if any(e.get(m[0]) is not None for e in ems)]
 
 
+# End metrics with per-sample values: the difference from the reference configuration gets a
+# paired bootstrap interval. (metric, per-sample key, statistic of a resample, higher better)
+PAIRED = (("class_accuracy", "correct", np.mean, True),
+          ("psnr_db", "mse", psnr_from_mse, True),
+          ("feature_distance", "feature_distance", np.mean, False),
+          ("mean_cosine", "cosine", np.mean, True))
+
+
+def _verdicts(c: dict, ref: dict, row: dict) -> dict:
+    """Per end metric: 'better', 'worse' or 'not resolved' against the reference, from the
+    95 % interval of the paired difference (``analysis.confidence``); the FID, which has no
+    per-sample value, from its two intervals: resolved only when they do not overlap."""
+    pa = (c["end_metrics"].get("per_sample") or {})
+    pb = (ref["end_metrics"].get("per_sample") or {})
+    out = {}
+    for k, key, stat, higher in PAIRED:
+        a, b = pa.get(key), pb.get(key)
+        if a is None or b is None or len(a) != len(b) or len(a) < 2:
+            continue
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        lo, hi = confidence.paired_difference(lambda i: stat(a[i]), lambda i: stat(b[i]), len(a))
+        row[k + "_diff_ci"] = [lo, hi]
+        out[k] = confidence.verdict(lo, hi, higher)
+    fa, fb = c["end_metrics"].get("fid_ci"), ref["end_metrics"].get("fid_ci")
+    if fa and fb and None not in fa + fb:
+        out["fid"] = ("better" if fa[1] < fb[0] else "worse" if fa[0] > fb[1]
+                      else "not resolved")
+    return out
+
+
 def headline(configs: dict) -> list[dict]:
     """Each quantized-branch configuration against the FP16 branch (the first one present).
 
@@ -108,6 +143,7 @@ def headline(configs: dict) -> list[dict]:
         row["propagated_sqnr_gain_db"] = (ps - rps) if ps is not None and rps is not None else None
         mo, rmo = c.get("memory_overhead_bits"), ref.get("memory_overhead_bits")
         row["memory_ratio"] = (mo / rmo) if mo is not None and rmo else None
+        row["verdicts"] = _verdicts(c, ref, row)
         rows.append(row)
     return rows
 
@@ -134,6 +170,36 @@ def _f(v, fmt="{:.4f}", none="-") -> str:
     return fmt.format(v)
 
 
+def _fci(em: dict, k: str, fmt: str) -> str:
+    """The metric, with its 95 % interval when it has one: ``17.07 [15.90, 18.41]``."""
+    v, ci = em.get(k), em.get(k + "_ci")
+    if ci is None or v is None or None in ci:
+        return _f(v, fmt)
+    return f"{_f(v, fmt)} [{_f(ci[0], fmt)}, {_f(ci[1], fmt)}]"
+
+
+def verdict_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Per quantized branch and end metric: the difference from the FP16 branch with its
+    paired 95 % bootstrap interval (the FID: both intervals), and the verdict."""
+    labels = {k: (lab, f) for k, lab, f, _ in END_METRICS}
+    head = ["config", "vs", "metric", "difference [95 % CI]", "verdict"]
+    rows = []
+    for h in results.get("headline", []):
+        for k, v in (h.get("verdicts") or {}).items():
+            lab, f = labels[k]
+            if k + "_diff_ci" in h:
+                d = None if h.get(k) is None or h.get("reference_" + k) is None else (
+                    h[k] - h["reference_" + k])
+                lo, hi = h[k + "_diff_ci"]
+                cell = f"{_f(d, f)} [{_f(lo, f)}, {_f(hi, f)}]"
+            else:
+                cfg, ref = results["configs"][h["config"]], results["configs"][h["reference"]]
+                cell = (f"{_fci(cfg['end_metrics'], k, f)} vs "
+                        f"{_fci(ref['end_metrics'], k, f)} (intervals)")
+            rows.append([h["config"], h["reference"], lab, cell, v])
+    return head, rows
+
+
 def _mb(bits) -> str:
     return "-" if bits is None else f"{bits / 8 / 2**20:.3f}"
 
@@ -157,13 +223,13 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     if results.get("reference"):
         em = results["reference"].get("end_metrics") or {}
-        rows.append(["full precision", "-", "-"] + [_f(em.get(k), f) for k, _, f, _ in ems]
+        rows.append(["full precision", "-", "-"] + [_fci(em, k, f) for k, _, f, _ in ems]
                     + ["0", "0", "inf", "inf", "inf", "0", "-"])
     for name, c in results["configs"].items():
         em = c["end_metrics"]
         rank = (f"{c['rank_min']}" if c["rank_min"] == c["rank_max"]
                 else f"{c['rank_min']}-{c['rank_max']}")
-        rows.append([name, c["method"], rank] + [_f(em.get(k), f) for k, _, f, _ in ems]
+        rows.append([name, c["method"], rank] + [_fci(em, k, f) for k, _, f, _ in ems]
                     + [_f(c.get("weight_error_mean")),
                        _f(c.get("weight_error_max")), _f(c.get("local_sqnr_db_mean"), "{:.2f}"),
                        _f(c.get("propagated_sqnr_db_mean"), "{:.2f}"),
@@ -506,8 +572,15 @@ def _sections(results: dict, images: dict[str, bytes], run_info: dict | None):
                     f"{lab} {_f(c['end_metrics'].get(k), f)}" for k, lab, f, _ in hms))
         if refs and not weights_only:
             text.append("References: " + "; ".join(refs) + ".")
+        vt = verdict_table(results)
+        if vt[1]:
+            text.append("Verdicts: a difference is 'better' or 'worse' when its 95 % paired "
+                        "bootstrap interval (1000 resamples of the samples, seed 0) excludes "
+                        "zero, else 'not resolved'; the FID has no per-sample value, so its "
+                        "verdict needs the two 95 % intervals not to overlap.")
         secs.append(("Headline: fully quantized branches vs the FP16 branch",
-                     [("table", hl)] + [("p", t) for t in text]))
+                     [("table", hl)] + [("p", t) for t in text]
+                     + ([("table", vt)] if vt[1] else [])))
     secs.append(("Summary per configuration", [
         ("table", summary_table(results)),
         ("p", "overhead: weight storage (scales included) above the main-only layer with the same "

@@ -111,6 +111,20 @@ def test_reduced_report_end_to_end(tmp_path, capsys):
     assert "plots/samples.png" in md and html.count("data:image/png;base64") >= 6
     assert (out / "plots" / "samples.png").stat().st_size > 1000
     assert res["headline"] and all("fid" in h and "reference_fid" in h for h in res["headline"])
+    # every end metric carries its 95 % interval, and each branch a verdict per metric
+    for c in res["configs"].values():
+        em = c["end_metrics"]
+        for k in ("fid", "class_accuracy", "psnr_db", "feature_distance"):
+            lo, hi = em[k + "_ci"]
+            assert lo <= em[k] <= hi, (k, lo, em[k], hi)
+        assert len(em["per_sample"]["mse"]) == 12
+        assert metrics.psnr_from_mse(em["per_sample"]["mse"]) == pytest.approx(em["psnr_db"])
+    for h in res["headline"]:
+        assert set(h["verdicts"]) == {"fid", "class_accuracy", "psnr_db", "feature_distance"}
+        assert set(h["verdicts"].values()) <= {"better", "worse", "not resolved"}
+        lo, hi = h["psnr_db_diff_ci"]
+        assert lo <= h["psnr_db"] - h["reference_psnr_db"] <= hi
+    assert "| verdict |" in md
 
 
 @pytest.mark.parametrize("n,match", [("0", "--samples=0"), ("5000", "allow")])

@@ -254,6 +254,10 @@ def _print_summary(results: dict, paths: dict, run_info: dict) -> None:
         print(f"{h['config']} vs {h['reference']}: weight error "
               f"{'-' if wr is None else f'{wr:.1%} lower'}" + (f", {parts}" if parts else "")
               + f", memory ratio {report._f(h['memory_ratio'], '{:.3f}')}")
+        if h.get("verdicts"):
+            labels = {k: lab for k, lab, _, _ in report.END_METRICS}
+            print("  verdicts (95 % bootstrap): " + ", ".join(
+                f"{labels[k]} {v}" for k, v in h["verdicts"].items()))
     print(f"wrote {paths['md'].parent} (report.md, report.html, results.json, layers.csv, plots/) "
           f"in {run_info['wall_s']:.1f} s; {run_info['computed']} layer optimizations computed, "
           f"{run_info['cached']} loaded from cache")

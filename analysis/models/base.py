@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from analysis import confidence
 from analysis.metrics import db, output_cosine
 
 __all__ = ["ModelSource", "EndMetric", "OutputCosine", "OutputSQNR", "NextTokenKL",
@@ -89,6 +90,9 @@ class OutputCosine(EndMetric):
         out = output_cosine(self._stack(ref), self._stack(q_outputs))
         if self.per_token:
             out["top1_agreement"] = None
+        cos = np.asarray(out["per_sample"]["cosine"])
+        if len(cos) >= 2:
+            out["mean_cosine_ci"] = confidence.interval(lambda i: cos[i].mean(), len(cos))
         return out
 
 
@@ -138,9 +142,13 @@ class NextTokenKL(EndMetric):
             m = None if self.masks is None else self.masks[i].cpu().bool()
             kls.append((kl[m] if m is not None else kl.reshape(-1)).numpy())
             agree.append((ag[m] if m is not None else ag.reshape(-1)).numpy())
-        k = np.concatenate(kls)
-        return {"kl_mean": float(k.mean()), "kl_max": float(k.max()),
-                "top1_agreement": float(np.concatenate(agree).mean()), "n": int(k.size)}
+        k, ag = np.concatenate(kls), np.concatenate(agree)
+        out = {"kl_mean": float(k.mean()), "kl_max": float(k.max()),
+               "top1_agreement": float(ag.mean()), "n": int(k.size)}
+        if k.size >= 2:  # over tokens (tokens of one sentence are not independent: optimistic)
+            out["kl_mean_ci"] = confidence.interval(lambda i: k[i].mean(), k.size)
+            out["top1_agreement_ci"] = confidence.interval(lambda i: ag[i].mean(), k.size)
+        return out
 
 
 def is_pointwise_conv(m: nn.Module) -> bool:

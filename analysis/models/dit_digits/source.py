@@ -17,7 +17,7 @@ import hashlib
 
 import torch
 
-from analysis import metrics
+from analysis import confidence, metrics
 from analysis.models.base import EndMetric, ModelSource, quantizable_layers
 from analysis.models.dit_digits import core
 
@@ -81,9 +81,13 @@ class GenerationMetrics(EndMetric):
         return img, lab, feats, logits
 
     def _score(self, img, lab, feats, logits) -> dict:
+        correct = (logits.argmax(1) == lab).to(torch.float64).numpy()
         return {"fid": metrics.frechet_distance(feats, self.real_features),
-                "class_accuracy": metrics.class_accuracy(logits, lab), "n": self.n,
-                "grid_uint8": _grid(img)}
+                "fid_ci": confidence.fid_interval(feats.numpy(), self.real_features.numpy()),
+                "class_accuracy": metrics.class_accuracy(logits, lab),
+                "class_accuracy_ci": confidence.interval(lambda i: correct[i].mean(), self.n),
+                "n": self.n, "grid_uint8": _grid(img),
+                "per_sample": {"correct": [int(c) for c in correct]}}
 
     def reference(self, module, fp_outputs):
         img, lab, feats, logits = self._generate(module)
@@ -97,7 +101,16 @@ class GenerationMetrics(EndMetric):
         out = self._score(img, lab, feats, logits)
         out["psnr_db"] = metrics.psnr_db(ref_img, img)
         out["feature_distance"] = metrics.feature_distance(ref_feats, feats)
+        # per sample: the squared error to the full-precision image (mean over its pixels)
+        # and the feature distance; PSNR of a resample is 10 log10(2^2 / mean of its MSEs)
+        mse = ((img.double() - ref_img.double()) ** 2).reshape(self.n, -1).mean(1).numpy()
+        dist = metrics.feature_distances(ref_feats, feats)
+        out["psnr_db_ci"] = confidence.interval(lambda i: metrics.psnr_from_mse(mse[i]), self.n)
+        out["feature_distance_ci"] = confidence.interval(lambda i: dist[i].mean(), self.n)
+        out["per_sample"].update(mse=[float(v) for v in mse],
+                                 feature_distance=[float(v) for v in dist])
         return out
+
 
 
 def _grid(img: torch.Tensor) -> list:
