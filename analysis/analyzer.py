@@ -56,8 +56,9 @@ class AnalysisOptions:
     """Settings of an analysis beyond the model, the recipes and the inputs.
 
     Configuration names are parsed with ``main`` / ``branch`` (format families),
-    ``steps``, ``ref_rank``, ``seed``, and ``smoothing`` (False: LoRaQ recipes do not
-    smooth, i.e. ``-nosmooth``; SVDQuant always smooths). ``tokens``: tokens per layer
+    ``steps``, ``ref_rank``, ``seed``, ``smoothing`` (False: LoRaQ recipes do not
+    smooth, i.e. ``-nosmooth``; SVDQuant always smooths) and ``smoothing_grid`` (a
+    ``Smoothing``; None: the fixed point alpha = beta = 0.5). ``tokens``: tokens per layer
     for the cost model. ``mode``: ``fast`` or ``exact`` GEMMs. ``layers``: which layers
     (``analysis.quantize.select_layers``). ``groups``: one label per evaluation batch
     (a timestep). ``end_metric``: an ``EndMetric``. ``store``: a ``LayerStore``.
@@ -71,6 +72,7 @@ class AnalysisOptions:
     ref_rank: int = 32
     seed: int = 0
     smoothing: bool = True
+    smoothing_grid: object = None
     tokens: int = DEFAULT_TOKENS
     mode: str = "fast"
     layers: object = None
@@ -86,7 +88,8 @@ def recipes_for(configs, options: AnalysisOptions | None = None) -> list[Recipe]
     """Recipes from names (parsed with the options, see ``AnalysisOptions``) or recipes."""
     o = options or AnalysisOptions()
     out = parse_recipes(configs, main=o.main, branch=o.branch, ref_rank=o.ref_rank,
-                        smoothing=DEFAULT_SMOOTHING, steps=o.steps, seed=o.seed)
+                        smoothing=o.smoothing_grid or DEFAULT_SMOOTHING, steps=o.steps,
+                        seed=o.seed)
     if not o.smoothing:
         out = [r.replace(smoothing=None) if r.method == "loraq" else r for r in out]
     return out

@@ -65,6 +65,8 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
     acts = activations if sm is not None else None
     grid = sm or DEFAULT_SMOOTHING
     rank = fp16_rank(recipe, W.shape)
+    if acts is not None and grid.criterion == "output":
+        return _fit_output_smoothed(W, recipe, acts, rank, device)
     if recipe.method == "svdquant":
         return loraq.METHOD_FUNCTIONS["svdquant"](W, main=main, rank=rank, activations=acts,
                                                   alpha_grid=grid.alphas, beta_grid=grid.betas)
@@ -97,6 +99,29 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
                                       fit if not grid.fixed else (lambda Ws: None))
     res = run((W64 * lam[None, :]).astype(np.float32))
     return build_result(W64, res.main, res.left, res.right, method="loraq",
+                        main_format=res.main_format, branch_format=res.branch_format,
+                        omega=res.omega, history=res.history, steps=res.steps,
+                        converged=res.converged, smooth=lam, X=X,
+                        config=dict(res.config, smoothing=list(chosen)))
+
+
+def _fit_output_smoothed(W, recipe: Recipe, acts, rank: int, device=None):
+    """SVDQuant or LoRaQ on W diag(lambda), lambda from ``analysis.smoothing.search`` (the
+    quantized layer's output MSE, activation quantizer in the loop)."""
+    from analysis import smoothing
+
+    X = as_activations(acts, W.shape[1])
+    W64 = W.astype(np.float64)
+    sm = recipe.smoothing
+    lam, chosen, _ = smoothing.search(W64, X, sm.alphas, sm.betas,
+                                      smoothing.smoothing_rank(recipe, W.shape),
+                                      recipe.main_weight, recipe.main_act)
+    Ws = (W64 * lam[None, :]).astype(np.float32)
+    if recipe.method == "svdquant":
+        res = loraq.METHOD_FUNCTIONS["svdquant"](Ws, main=recipe.main_weight, rank=rank)
+    else:
+        res = fit_weight(Ws, recipe.replace(smoothing=None), None, device=device)
+    return build_result(W64, res.main, res.left, res.right, method=res.method,
                         main_format=res.main_format, branch_format=res.branch_format,
                         omega=res.omega, history=res.history, steps=res.steps,
                         converged=res.converged, smooth=lam, X=X,

@@ -60,14 +60,28 @@ def _num(v, what: str) -> float:
     return float(v)
 
 
+CRITERIA = ("weight", "output")
+
+
 @dataclass(frozen=True)
 class Smoothing:
-    """SVDQuant's smoothing: the (alpha, beta) grid searched per layer (one point: fixed)."""
+    """SVDQuant's smoothing: the (alpha, beta) grid searched per layer (one point: fixed).
+
+    ``criterion`` scores a grid point: ``weight`` (``analysis.loraq.baselines.
+    smoothing_search``: the output error of the fitted weight with unquantized activations;
+    a one-point grid is not scored) or ``output`` (``analysis.smoothing``: the output MSE
+    of the quantized layer with its activation quantizer and the smoothing rank's SVD
+    branch in the loop, as the paper chooses alpha and beta per layer).
+    """
 
     alphas: tuple = (0.5,)
     betas: tuple = (0.5,)
+    criterion: str = "weight"
 
     def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"smoothing criterion={self.criterion!r} is not allowed; allowed: "
+                             f"{CRITERIA}")
         for what in ("alphas", "betas"):
             v = getattr(self, what)
             if isinstance(v, (int, float)):
@@ -82,7 +96,8 @@ class Smoothing:
         return len(self.alphas) * len(self.betas) == 1
 
     def to_dict(self) -> dict:
-        return {"alphas": list(self.alphas), "betas": list(self.betas)}
+        return {"alphas": list(self.alphas), "betas": list(self.betas),
+                "criterion": self.criterion}
 
 
 # SmoothQuant's migration strength 0.5 (beta = 1 - alpha): one point instead of the
@@ -167,7 +182,8 @@ class Recipe:
             set_("lr", float(self.lr))
         sm = self.smoothing
         if isinstance(sm, dict):
-            sm = Smoothing(tuple(sm["alphas"]), tuple(sm["betas"]))
+            sm = Smoothing(tuple(sm["alphas"]), tuple(sm["betas"]),
+                           sm.get("criterion", "weight"))
         if sm is not None and not isinstance(sm, Smoothing):
             raise TypeError(f"smoothing must be a Smoothing, a dict or None, got {sm!r}")
         if sm is not None and not has:
@@ -290,7 +306,8 @@ class Recipe:
         kw = {k: v for k, v in d.items() if k in fields}
         if kw.get("smoothing") is not None:
             s = kw["smoothing"]
-            kw["smoothing"] = Smoothing(tuple(s["alphas"]), tuple(s["betas"]))
+            kw["smoothing"] = Smoothing(tuple(s["alphas"]), tuple(s["betas"]),
+                                        s.get("criterion", "weight"))
         r = cls(**kw)
         if "name" in d and d["name"] != r.name:
             raise ValueError(f"recipe name {d['name']!r} does not match its fields ({r.name!r})")

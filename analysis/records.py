@@ -59,6 +59,10 @@ def layer_record(n, W, result, q, recipe: Recipe, tokens: int, measured: dict,
            "weight_error": weight_error(W, result)}
     if recipe.rank is not None and recipe.rank >= min(W.shape):  # capped at min(out, in) - 1
         rec["rank_requested"] = recipe.rank
+    cfg = getattr(result, "config", None) or {}
+    ab = cfg.get("smoothing") or cfg.get("alpha_beta")
+    if ab is not None:  # the (alpha, beta) the layer's smoothing chose
+        rec["smoothing_alpha_beta"] = [float(v) for v in ab]
     rec.update(measured)
     rec.update(_gemm_bits(q.acc_bits_worst(), q.acc_bits_l1(), observed))
     rec.update(_cost_fields(n, W.shape, recipe.config, q.rank, tokens))

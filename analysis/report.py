@@ -491,7 +491,40 @@ def plots(results: dict) -> dict[str, bytes]:
                      fontsize=9)
         fig.subplots_adjust(left=0.2, wspace=0.05, hspace=0.08)
         out["samples.png"] = _png(fig)
+    ab = _smoothing_points(cfgs)
+    if ab:
+        out["smoothing_alpha_beta.png"] = _smoothing_plot(plt, ab)
     return out
+
+
+def _smoothing_points(cfgs: dict) -> dict:
+    """{config: [(alpha, beta) per smoothed layer]} when the layers chose more than one point
+    (a searched smoothing); {} for a fixed point or none."""
+    pts = {n: [tuple(l["smoothing_alpha_beta"]) for l in c["layers"]
+               if l.get("smoothing_alpha_beta") is not None] for n, c in cfgs.items()}
+    pts = {n: p for n, p in pts.items() if p}
+    return pts if len({q for p in pts.values() for q in p}) > 1 else {}
+
+
+def _smoothing_plot(plt, pts: dict) -> bytes:
+    """Per configuration: how many layers chose each (alpha, beta) of the grid."""
+    grid = sorted({q for p in pts.values() for q in p})
+    alphas, betas = sorted({a for a, _ in grid}), sorted({b for _, b in grid})
+    fig, axes = plt.subplots(1, len(pts), figsize=(2.6 * len(pts) + 0.6, 2.8), squeeze=False)
+    for ax, (name, p) in zip(axes[0], pts.items()):
+        counts = [[sum(1 for q in p if q == (a, b)) for a in alphas] for b in betas]
+        ax.imshow(counts, cmap="Blues", origin="lower")
+        for i, row in enumerate(counts):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=7)
+        ax.set_yticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=7)
+        ax.set_xlabel("alpha", fontsize=8)
+        ax.set_ylabel("beta", fontsize=8)
+        ax.set_title(name, fontsize=8)
+    fig.suptitle("Smoothing (alpha, beta) chosen per layer (layer counts)", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
 
 
 # --------------------------------------------------------------------------- documents
@@ -524,9 +557,16 @@ def _sections(results: dict, images: dict[str, bytes], run_info: dict | None):
         sm = ("LoRaQ runs SVDQuant's smoothing search first (the paper's pipeline) except "
               "configurations ending in -nosmooth" if s.get("smoothing", True)
               else "LoRaQ runs without smoothing (--no-smoothing: purely data-free)")
+        grid = s.get("svdquant_grid") or [[0.5], [0.5]]
+        how = (f"(alpha, beta) chosen per layer from alpha in {grid[0]}, beta in {grid[1]} on "
+               "the quantized layer's output MSE, its activation quantizer and the smoothing "
+               "rank's SVD branch in the loop" if s.get("smoothing_criterion") == "output"
+               else f"the fixed point alpha = {grid[0]}, beta = {grid[1]}"
+               if len(grid[0]) * len(grid[1]) == 1 else
+               f"(alpha, beta) from alpha in {grid[0]}, beta in {grid[1]}")
         intro.append(("p", f"Per-layer errors are measured on the evaluation inputs "
                            f"({s.get('evaluation')}); calibration inputs ({s.get('calibration')}) "
-                           f"feed the smoothing search: SVDQuant always smooths; {sm}. "
+                           f"feed the smoothing ({how}): SVDQuant always smooths; {sm}. "
                            f"End metric: {s.get('end_metric') or 'output cosine'}."))
         if s.get("model_training"):
             mt = s["model_training"]

@@ -53,8 +53,10 @@ def test_recipe_fields():
     # the formats are part of the recipe (and of its cache key), not of its name
     m = Recipe.parse("W4A4+W6A6")
     assert m.name == r.name and m != r and m.key() != r.key()
-    grid = Recipe.parse("W4A4+W8A8", smoothing=Smoothing((0.25, 0.5), (0.5, 0.75)))
+    grid = Recipe.parse("W4A4+W8A8", smoothing=Smoothing((0.25, 0.5), (0.5, 0.75), "output"))
     assert not grid.smoothing.fixed and Recipe.from_json(grid.to_json()) == grid
+    assert grid.key() != Recipe.parse("W4A4+W8A8", smoothing=Smoothing((0.25, 0.5),
+                                                                        (0.5, 0.75))).key()
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["add_model_argument", "add_recipe_arguments", "add_source_arguments",
            "check_counts", "load_sentences", "load_source", "check_writable", "Bar",
-           "check_source_ranks",
+           "check_source_ranks", "smoothing_grid",
            "DEFAULT_STEPS"]
 
 # LoRaQ steps per layer in the report. The optimizer's own default (400) costs
@@ -28,7 +28,12 @@ def add_model_argument(p) -> None:
 
 
 def add_recipe_arguments(p) -> None:
-    """--seed, --main, --branch, --steps, --no-smoothing, --ref-rank."""
+    """--seed, --main, --branch, --steps, --no-smoothing, --smoothing-grid, --ref-rank."""
+    p.add_argument("--smoothing-grid", default=None, metavar="VALUES",
+                   help="choose SVDQuant's smoothing (alpha, beta) per layer from this grid "
+                   "(comma-separated values for both, e.g. 0.25,0.5,0.75) on the quantized "
+                   "layer's output error, activation quantizer in the loop (the paper's "
+                   "search); default: the fixed point alpha = beta = 0.5")
     p.add_argument("--seed", type=int, default=0, help="seed of the optimizer (default: %(default)s)")
     p.add_argument("--main", default="mxint4", help="main weight/activation format or family: "
                    "mxint4, sint4, mxfp4 (default: %(default)s)")
@@ -64,6 +69,22 @@ def add_source_arguments(p) -> None:
                    "of sentences (default: the shipped splits)")
     p.add_argument("--max-sentences", type=int, default=None,
                    help="use only the first N sentences of each split")
+
+
+def smoothing_grid(args):
+    """The ``Smoothing`` of ``--smoothing-grid`` (None without it)."""
+    if getattr(args, "smoothing_grid", None) is None:
+        return None
+    from analysis.recipe import Smoothing
+
+    try:
+        vals = tuple(float(v) for v in args.smoothing_grid.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--smoothing-grid={args.smoothing_grid!r} must be comma-separated "
+                         "numbers >= 0, e.g. 0.25,0.5,0.75") from None
+    if not vals:
+        raise ValueError("--smoothing-grid is empty; give numbers >= 0, e.g. 0.25,0.5,0.75")
+    return Smoothing(vals, vals, "output")
 
 
 def check_counts(args, names=("steps", "max_sentences", "tokens", "ref_rank", "timesteps",

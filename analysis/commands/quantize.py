@@ -29,7 +29,7 @@ from pathlib import Path
 
 from analysis.commands.common import (Bar, add_model_argument, add_recipe_arguments,
                                       add_source_arguments, check_counts, check_source_ranks,
-                                      check_writable, load_source)
+                                      check_writable, load_source, smoothing_grid)
 from analysis.errors import checks_input
 from analysis.recipe import GRAMMAR
 
@@ -133,7 +133,8 @@ def _read_input(args):
 
     check_counts(args, ("steps", "max_sentences", "ref_rank", "timesteps", "sample_steps"))
     opts = analyzer.AnalysisOptions(main=args.main, branch=args.branch, steps=args.steps,
-                                    seed=args.seed, smoothing=not args.no_smoothing)
+                                    seed=args.seed, smoothing=not args.no_smoothing,
+                                    smoothing_grid=smoothing_grid(args))
     analyzer.recipes_for(args.configs, opts)  # the names are checked before any model loads
     out = Path(args.out)
     check_writable(out)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from analysis.commands.common import (Bar, add_model_argument, add_recipe_arguments,
                                      add_source_arguments, check_counts, check_source_ranks,
-                                     check_writable, load_source)
+                                     check_writable, load_source, smoothing_grid)
 from analysis.errors import checks_input
 from analysis.recipe import DEFAULT_SMOOTHING, GRAMMAR
 
@@ -197,10 +197,12 @@ def _read_input(args):
     ref_rank = args.ref_rank or src.ref_rank
     opts = analyzer.AnalysisOptions(main=args.main, branch=args.branch, steps=args.steps,
                                     ref_rank=ref_rank, seed=args.seed,
-                                    smoothing=not args.no_smoothing, tokens=args.tokens,
+                                    smoothing=not args.no_smoothing,
+                                    smoothing_grid=smoothing_grid(args), tokens=args.tokens,
                                     mode=args.mode, layers=src.layers, groups=src.groups,
                                     end_metric=src.end_metric, device=args.device)
     cfgs = analyzer.recipes_for(configs, opts)
+    grid = opts.smoothing_grid or DEFAULT_SMOOTHING
     src.notes = list(src.notes) + check_source_ranks(src, cfgs)
     cfg_names = [c.name for c in cfgs]
     settings = {
@@ -208,12 +210,14 @@ def _read_input(args):
         "model_fingerprint": src.fingerprint, "configs": cfg_names, "seed": args.seed,
         "main": args.main, "branch": args.branch, "steps": args.steps,
         "max_sentences": args.max_sentences, "tokens": args.tokens, "mode": args.mode,
-        "svdquant_grid": [list(DEFAULT_SMOOTHING.alphas), list(DEFAULT_SMOOTHING.betas)],
+        "svdquant_grid": [list(grid.alphas), list(grid.betas)],
         "smoothing": not args.no_smoothing, "ref_rank": ref_rank,
         "inputs": _hash_file(args.inputs), "timesteps": args.timesteps, "device": args.device,
         "sentences": None if sentences is None else hashlib.sha256(
             json.dumps(sentences).encode()).hexdigest(),
     }
+    if grid.criterion != DEFAULT_SMOOTHING.criterion:
+        settings["smoothing_criterion"] = grid.criterion
     for k in ("samples", "sample_steps", "guidance"):
         if k in src.extra:
             settings[k] = src.extra[k]
