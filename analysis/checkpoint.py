@@ -46,7 +46,7 @@ import numfmt
 from numfmt.fileio import atomic_path, write_json_atomic
 from numfmt.qtensor import QTensor
 
-from analysis.files import safetensors_kind
+from analysis.files import read_json, safetensors_kind
 from analysis.layers import QuantConv1x1, QuantLinear
 from analysis.models.base import is_pointwise_conv
 from analysis.quantize import quantized_layers, swap
@@ -225,10 +225,7 @@ def _manifest(d: Path) -> dict:
     if not p.is_file():
         raise ValueError(f"{str(d)!r} is not a quantized checkpoint: {MANIFEST} is missing "
                          "(save_quantized writes it last; an interrupted save leaves none)")
-    try:
-        man = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(p)!r} is damaged: not valid JSON ({exc})") from None
+    man = read_json(p, "the manifest")
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise ValueError(f"{str(p)!r} is not a {FORMAT} manifest")
     if man.get("format_version") != FORMAT_VERSION:

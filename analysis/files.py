@@ -3,6 +3,8 @@
 * ``file_sha256(path)``: SHA-256 of a file's bytes; ``arrays_sha256(arrays)``: of named
   arrays (names, shapes, dtypes and bytes, sorted by name); ``dir_sha256(directory)``: of
   a model directory's config.json and .safetensors files (names and bytes).
+* ``read_json(path, what)``: a JSON document, or a ValueError naming the file;
+  ``read_json_or_none(path)``: None for a missing or damaged one.
 * ``safetensors_kind(path)``: ``"safetensors"`` when the file starts as safetensors does
   (an unsigned 64-bit little-endian header length n, then an n-byte JSON object that
   fits in the file), ``"pickle"`` for torch.save's zip archive (``PK\\x03\\x04``) or a
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["file_sha256", "arrays_sha256", "dir_sha256", "safetensors_kind",
-           "require_safetensors", "PICKLE_SUFFIXES"]
+           "require_safetensors", "read_json", "read_json_or_none", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -55,6 +57,25 @@ def dir_sha256(directory: Path) -> str:
                 for chunk in iter(lambda: f.read(1 << 22), b""):
                     h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(path, what: str = "file"):
+    """The JSON document of ``path``; a ValueError naming the file when it is not JSON."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
+
+
+def read_json_or_none(path):
+    """The JSON document of ``path``, or None when it is missing or unreadable (a marker or
+    settings file that an interrupted run may have left half-written elsewhere)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def safetensors_kind(path) -> str:

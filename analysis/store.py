@@ -12,12 +12,12 @@ record) under the same rule.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 from numfmt.fileio import write_json_atomic
 
+from analysis.files import read_json_or_none
 from analysis.loraq.result import load_result, save_result
 from analysis.recipe import Recipe
 
@@ -47,12 +47,7 @@ class LayerStore:
         return stem.with_name(stem.name + ".done.json")
 
     def _read(self, path: Path) -> dict | None:
-        if not path.is_file():
-            return None
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        d = read_json_or_none(path)
         return d if isinstance(d, dict) else None
 
     def load(self, recipe: Recipe, layer: str):

@@ -31,6 +31,7 @@ from analysis.commands.common import (Bar, add_model_argument, add_recipe_argume
                                       add_source_arguments, check_counts, check_source_ranks,
                                       check_writable, load_source, smoothing_grid)
 from analysis.errors import checks_input
+from analysis.files import read_json_or_none
 from analysis.recipe import GRAMMAR
 
 __all__ = ["register", "run"]
@@ -83,18 +84,11 @@ def _state(out: Path, settings: dict, force: bool) -> str:
     man = out / MANIFEST
     part = out / PARTIAL / "settings.json"
     if man.is_file():
-        try:
-            old = json.loads(man.read_text(encoding="utf-8")).get("provenance")
-        except (OSError, ValueError):
-            old = None
-        if old == settings:
+        old = read_json_or_none(man)
+        if isinstance(old, dict) and old.get("provenance") == settings:
             return "done"
     elif part.is_file():
-        try:
-            old = json.loads(part.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if old == settings:
+        if read_json_or_none(part) == settings:
             return "resume"
     if out.is_dir() and any(out.iterdir()):
         if not force:

@@ -31,6 +31,7 @@ from analysis.commands.common import (Bar, add_model_argument, add_recipe_argume
                                      add_source_arguments, check_counts, check_source_ranks,
                                      check_writable, load_source, smoothing_grid)
 from analysis.errors import checks_input
+from analysis.files import read_json_or_none
 from analysis.recipe import DEFAULT_SMOOTHING, GRAMMAR
 
 __all__ = ["register", "run", "DEFAULT_OUT", "prepare_out_dir"]
@@ -89,12 +90,7 @@ def prepare_out_dir(out: Path, settings: dict, force: bool) -> str:
     status = "new"
     sfile = out / "settings.json"
     if out.is_dir() and any(out.iterdir()):
-        old = None
-        if sfile.is_file():
-            try:
-                old = json.loads(sfile.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                old = None
+        old = read_json_or_none(sfile) if sfile.is_file() else None
         if old == settings:
             status = "resume"
         elif not force:

@@ -22,13 +22,13 @@ safetensors file. ``resolve(spec, ...)`` picks one; each returns a ``ModelSource
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from analysis.files import PICKLE_SUFFIXES, arrays_sha256, dir_sha256, require_safetensors
+from analysis.files import (PICKLE_SUFFIXES, arrays_sha256, dir_sha256, read_json,
+                            require_safetensors)
 from analysis.models.base import (ModelSource, NextTokenKL, OutputCosine, OutputSQNR,
                                   quantizable_layers)
 
@@ -81,10 +81,7 @@ def resolve(spec: str, *, inputs: str | None = None, samples: int | None = None,
         if not cfg_path.is_file():
             raise ValueError(f"model directory {spec!r} has no config.json; a diffusers or "
                              "transformers model directory (save_pretrained) is needed")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from None
+        cfg = read_json(cfg_path, "model config")
         if not isinstance(cfg, dict):
             raise ValueError(f"{cfg_path} must hold a JSON object")
         _check_safetensors(path)
