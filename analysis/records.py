@@ -26,7 +26,7 @@ from analysis.metrics import sqnr_db
 from analysis.recipe import Recipe
 
 __all__ = ["layer_record", "config_entry", "clean", "group_sqnr", "aggregate",
-           "effective_weight", "weight_error"]
+           "effective_weight", "weight_error", "END_METRICS", "present_metrics", "short_name"]
 
 
 def effective_weight(result) -> np.ndarray:
@@ -171,3 +171,37 @@ def aggregate(by_group: dict | None) -> tuple[float | None, float | None]:
         return None, None
     v = [x for x in by_group.values() if x is not None and math.isfinite(x)]
     return (float(np.mean(v)), float(min(v))) if v else (None, None)
+
+
+# End metrics a report can show: (key, column label, format, higher is better).
+END_METRICS = (
+    ("fid", "FID (clf. features)", "{:.2f}", False),
+    ("class_accuracy", "class acc.", "{:.3f}", True),
+    ("psnr_db", "PSNR dB vs FP", "{:.2f}", True),
+    ("feature_distance", "feature dist. vs FP", "{:.4f}", False),
+    ("mean_cosine", "mean cos", "{:.4f}", True),
+    ("min_cosine", "min cos", "{:.4f}", True),
+    ("top1_agreement", "top-1 agree", "{:.3f}", True),
+    ("output_sqnr_db", "output SQNR dB", "{:.2f}", True),
+    ("output_sqnr_db_worst", "worst-timestep output SQNR dB", "{:.2f}", True),
+    ("kl_mean", "KL mean (nats)", "{:.4g}", False),
+    ("kl_max", "KL max (nats)", "{:.4g}", False),
+)
+
+
+def present_metrics(configs: dict, reference: dict | None = None) -> list[tuple]:
+    """The END_METRICS that some configuration (or the reference) has a value for."""
+    ems = [c.get("end_metrics") or {} for c in configs.values()]
+    if reference:
+        ems.append(reference.get("end_metrics") or {})
+    return [m for m in END_METRICS if any(e.get(m[0]) is not None for e in ems)]
+
+
+def short_name(name: str) -> str:
+    """A layer name shortened for tables and plot axes (b3.attn1.to_q, L2.ffn.up, ...)."""
+    name = (name.replace("transformer.transformer_blocks.", "b").replace("model.transformer_blocks.",
+                                                                          "b")
+            .replace("transformer.", "").replace("model.", ""))
+    return (name.replace("encoder.layer.", "L").replace("attention.self.", "attn.")
+            .replace("attention.output.dense", "attn.out").replace("intermediate.dense", "ffn.up")
+            .replace("output.dense", "ffn.down"))
