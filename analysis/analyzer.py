@@ -73,6 +73,7 @@ class AnalysisOptions:
     seed: int = 0
     smoothing: bool = True
     smoothing_grid: object = None
+    lr_rule: str = "ours"
     tokens: int = DEFAULT_TOKENS
     mode: str = "fast"
     layers: object = None
@@ -92,6 +93,8 @@ def recipes_for(configs, options: AnalysisOptions | None = None) -> list[Recipe]
                         seed=o.seed)
     if not o.smoothing:
         out = [r.replace(smoothing=None) if r.method == "loraq" else r for r in out]
+    if o.lr_rule != "ours":
+        out = [r.replace(lr_rule=o.lr_rule) if r.method == "loraq" else r for r in out]
     return out
 
 

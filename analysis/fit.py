@@ -21,19 +21,22 @@ on one torch thread, so the bits do not depend on the thread or worker count.
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
 
+import numfmt
 from analysis import cluster, loraq
 from analysis.loraq.baselines import smoothing_search, svdquant
 from analysis.loraq.checks import as_activations
 from analysis.loraq.common import build_result
 from analysis.recipe import DEFAULT_SMOOTHING, Recipe
 
-__all__ = ["fit_weight", "fit_layers", "fp16_rank", "branch_rank", "Progress", "FIT_THREADS"]
+__all__ = ["fit_weight", "fit_layers", "fp16_rank", "branch_rank", "paper_lr", "Progress",
+           "FIT_THREADS"]
 
 # In-process layer fits run on this many threads (the Numba kernels release the GIL and
 # torch runs on one thread inside each fit), largest layers first; the bits do not depend
@@ -78,6 +81,8 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
     kw = {} if recipe.steps is None else {"steps": recipe.steps, "schedule": "cosine"}
     if recipe.lr is not None:
         kw["lr"] = recipe.lr
+    elif recipe.lr_rule == "paper":
+        kw["lr"] = paper_lr(W, branch)
     if device is not None:
         kw["device"] = device
 
@@ -103,6 +108,21 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
                         omega=res.omega, history=res.history, steps=res.steps,
                         converged=res.converged, smooth=lam, X=X,
                         config=dict(res.config, smoothing=list(chosen)))
+
+
+def paper_lr(W, branch: str) -> float:
+    """The paper's Adam step (1e-3 for an FP branch format, 1e-4 for INT) on the unnormalized
+    weight, in the optimizer's units. The optimizer works on W / c (c = 2^round(log2 rms W))
+    and on factors L R of that; factors of W itself are sqrt(c) times larger, and Adam's
+    step is in the parameter's units, so the step there is the paper's divided by sqrt(c)."""
+    from numfmt.formats import FloatFormat
+
+    fmt = numfmt.get(branch)
+    elem = getattr(fmt, "element", fmt)
+    lr = 1e-3 if isinstance(elem, FloatFormat) else 1e-4
+    rms = math.sqrt(float(np.mean(np.square(np.asarray(W, dtype=np.float64)))))
+    c = 2.0 ** round(math.log2(rms)) if rms > 0 else 1.0
+    return lr / math.sqrt(c)
 
 
 def _fit_output_smoothed(W, recipe: Recipe, acts, rank: int, device=None):

@@ -61,6 +61,10 @@ def _num(v, what: str) -> float:
 
 
 CRITERIA = ("weight", "output")
+# LoRaQ's Adam step: "ours" (analysis.loraq.optimizer.default_lr: by branch width, on the
+# optimizer's unit-RMS weight) or "paper" (1e-3 for FP branch formats, 1e-4 for INT, on the
+# unnormalized weight: analysis.fit.paper_lr)
+LR_RULES = ("ours", "paper")
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ class Recipe:
 
     ``method``: ``none`` (main only), ``svdquant`` (FP16 branch), ``loraq``, ``lqer``,
     ``loftq`` or ``naive`` (quantized branch). ``rank``: explicit branch rank or None
-    for the rank rule with ``ref_rank``. ``steps`` / ``lr``: the LoRaQ optimizer's
+    for the rank rule with ``ref_rank``. ``lr_rule``: ``ours`` or ``paper`` (``LR_RULES``). ``steps`` / ``lr``: the LoRaQ optimizer's
     step budget (None: its own default, run to convergence; an int: a cosine schedule
     over that many steps) and Adam step (None: its default by branch width).
     """
@@ -141,6 +145,7 @@ class Recipe:
     smoothing: Smoothing | None = None
     steps: int | None = None
     lr: float | None = None
+    lr_rule: str = "ours"
     seed: int = 0
     version: int = RECIPE_VERSION
 
@@ -176,6 +181,10 @@ class Recipe:
                 raise ValueError(f"{k}={v!r} must be an int >= {lo}")
         if self.rank is not None and not has:
             raise ValueError(f"rank={self.rank} needs a branch (method {self.method!r} has none)")
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule={self.lr_rule!r} is not allowed; allowed: {LR_RULES}")
+        if self.lr is not None and self.lr_rule != "ours":
+            raise ValueError("give lr= or lr_rule='paper', not both")
         if self.lr is not None:
             if _num(self.lr, "lr") == 0:
                 raise ValueError(f"lr={self.lr!r} must be > 0")

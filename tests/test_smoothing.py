@@ -79,3 +79,24 @@ def test_fits_record_the_chosen_point(name):
 def smoothing_vector_of(W, X, ab):
     from analysis.loraq.baselines import smoothing_vector
     return smoothing_vector(W, X, *ab)
+
+
+def test_paper_lr_rule():
+    """The paper's steps (1e-3 FP, 1e-4 INT) on the unnormalized weight, in the optimizer's
+    units: divided by sqrt(c), c the power-of-two RMS scale the optimizer divides W by."""
+    from analysis.fit import paper_lr
+
+    W = np.full((8, 8), 2.0 ** -6)  # rms 2^-6: c = 2^-6, sqrt(c) = 2^-3
+    assert paper_lr(W, "mxint8") == pytest.approx(1e-4 * 8)
+    assert paper_lr(W, "mxfp8_e4m3") == pytest.approx(1e-3 * 8)
+    r = Recipe.parse("W4A4+W8A8-nosmooth", steps=3).replace(lr_rule="paper")
+    assert Recipe.from_json(r.to_json()) == r and r.key() != Recipe.parse(
+        "W4A4+W8A8-nosmooth", steps=3).key()
+    rng = np.random.default_rng(0)
+    Wr = (rng.standard_normal((64, 96)) * 0.02).astype(np.float32)
+    a, b = fit_weight(Wr, r), fit_weight(Wr, r.replace(lr_rule="ours"))
+    assert a.rel_error != b.rel_error  # the rule reaches the optimizer
+    with pytest.raises(ValueError, match="lr_rule='fast'"):
+        r.replace(lr_rule="fast")
+    with pytest.raises(ValueError, match="not both"):
+        r.replace(lr=1e-3)

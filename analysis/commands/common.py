@@ -28,7 +28,12 @@ def add_model_argument(p) -> None:
 
 
 def add_recipe_arguments(p) -> None:
-    """--seed, --main, --branch, --steps, --no-smoothing, --smoothing-grid, --ref-rank."""
+    """--seed, --main, --branch, --steps, --no-smoothing, --smoothing-grid, --lr-rule,
+    --ref-rank."""
+    p.add_argument("--lr-rule", choices=("ours", "paper"), default="ours",
+                   help="LoRaQ's Adam step: ours (by branch width on the unit-RMS weight) or "
+                   "paper (1e-3 for FP branches, 1e-4 for INT, on the unnormalized weight) "
+                   "(default: %(default)s)")
     p.add_argument("--smoothing-grid", default=None, metavar="VALUES",
                    help="choose SVDQuant's smoothing (alpha, beta) per layer from this grid "
                    "(comma-separated values for both, e.g. 0.25,0.5,0.75) on the quantized "

@@ -128,7 +128,7 @@ def _read_input(args):
     check_counts(args, ("steps", "max_sentences", "ref_rank", "timesteps", "sample_steps"))
     opts = analyzer.AnalysisOptions(main=args.main, branch=args.branch, steps=args.steps,
                                     seed=args.seed, smoothing=not args.no_smoothing,
-                                    smoothing_grid=smoothing_grid(args))
+                                    smoothing_grid=smoothing_grid(args), lr_rule=args.lr_rule)
     analyzer.recipes_for(args.configs, opts)  # the names are checked before any model loads
     out = Path(args.out)
     check_writable(out)

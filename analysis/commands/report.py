@@ -194,7 +194,8 @@ def _read_input(args):
     opts = analyzer.AnalysisOptions(main=args.main, branch=args.branch, steps=args.steps,
                                     ref_rank=ref_rank, seed=args.seed,
                                     smoothing=not args.no_smoothing,
-                                    smoothing_grid=smoothing_grid(args), tokens=args.tokens,
+                                    smoothing_grid=smoothing_grid(args), lr_rule=args.lr_rule,
+                                    tokens=args.tokens,
                                     mode=args.mode, layers=src.layers, groups=src.groups,
                                     end_metric=src.end_metric, device=args.device)
     cfgs = analyzer.recipes_for(configs, opts)
@@ -214,6 +215,8 @@ def _read_input(args):
     }
     if grid.criterion != DEFAULT_SMOOTHING.criterion:
         settings["smoothing_criterion"] = grid.criterion
+    if args.lr_rule != "ours":
+        settings["lr_rule"] = args.lr_rule
     for k in ("samples", "sample_steps", "guidance"):
         if k in src.extra:
             settings[k] = src.extra[k]
