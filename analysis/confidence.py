@@ -48,18 +48,10 @@ def _percentiles(values) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def interval(stat, n: int, normal: bool = False) -> list[float]:
+def interval(stat, n: int) -> list[float]:
     """[lo, hi] of ``stat(idx)`` over the resamples (``stat`` takes an index array): the
-    percentile interval, or with ``normal`` t -+ 1.96 sd of the resampled values (t = stat
-    of all samples: the normal bootstrap interval, for the Frechet distance)."""
-    vals = np.asarray([stat(i) for i in resample_indices(n)], dtype=np.float64)
-    if not normal:
-        return _percentiles(vals)
-    vals = vals[np.isfinite(vals)]
-    if vals.size < 2:
-        return [None, None]
-    t, sd = float(stat(np.arange(n))), float(vals.std(ddof=1))
-    return [t - Z95 * sd, t + Z95 * sd]
+    percentile interval."""
+    return _percentiles([stat(i) for i in resample_indices(n)])
 
 
 def paired_difference(stat_a, stat_b, n: int) -> list[float]:
@@ -78,12 +70,16 @@ def verdict(lo, hi, higher_is_better: bool) -> str:
     return "not resolved"
 
 
+def _fd(mu1, mu2, tr1: float, tr2: float, eigenvalues) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 sum sqrt(eigenvalues of S1 S2), clipped at 0."""
+    return max(float(np.sum((mu1 - mu2) ** 2)) + tr1 + tr2
+               - 2.0 * float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))), 0.0)
+
+
 def frechet_from_moments(mu1, s1, mu2, s2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 sum sqrt(eig(S1 S2)) (eigenvalues clipped at 0)."""
-    ev = np.linalg.eigvals(s1 @ s2).real
-    fd = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-               - 2.0 * np.sum(np.sqrt(np.clip(ev, 0.0, None))))
-    return max(fd, 0.0)
+    """The Frechet distance of two Gaussians from their moments (eigenvalues of S1 S2)."""
+    return _fd(mu1, mu2, float(np.trace(s1)), float(np.trace(s2)),
+               np.linalg.eigvals(s1 @ s2).real)
 
 
 def fid_interval(features, real_features) -> list[float]:
@@ -105,9 +101,7 @@ def fid_interval(features, real_features) -> list[float]:
         mu = g.mean(0)
         c = g - mu
         s = (c.T @ c) / (len(g) - 1)
-        ev = np.linalg.eigvalsh(root.T @ s @ root)
-        return max(float(np.sum((mu - mu_r) ** 2)) + float(np.trace(s)) + tr_r
-                   - 2.0 * float(np.sum(np.sqrt(np.clip(ev, 0.0, None)))), 0.0)
+        return _fd(mu, mu_r, float(np.trace(s)), tr_r, np.linalg.eigvalsh(root.T @ s @ root))
 
     loo = np.array([fid(np.delete(f, i, axis=0)) for i in range(n)])
     se = float(np.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2)))

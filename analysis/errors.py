@@ -26,7 +26,7 @@ class InputError(ValueError):
 
 
 # one InputError type per kind, defined here so that they pickle (Dask workers send them)
-_KINDS = {InputError.__base__: InputError}
+_KINDS = {ValueError: InputError}
 for _cls in _INPUT_KINDS[1:]:
     _name = "Input" + _cls.__name__
     _KINDS[_cls] = type(_name, (_cls, InputError), {"__module__": __name__, "__qualname__": _name})

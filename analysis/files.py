@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,8 +62,6 @@ def dir_sha256(directory: Path) -> str:
 
 def read_json(path, what: str = "file"):
     """The JSON document of ``path``; a ValueError naming the file when it is not JSON."""
-    import json
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 import numfmt
-from analysis import cluster, loraq
+from numfmt.formats import FloatFormat
+from analysis import cluster, loraq, smoothing
 from analysis.loraq.baselines import smoothing_search, svdquant
 from analysis.loraq.checks import as_activations
 from analysis.loraq.common import build_result
@@ -102,8 +103,13 @@ def fit_weight(W, recipe: Recipe, activations=None, device=None):
 
     lam, chosen, _ = smoothing_search(W64, X, grid.alphas, grid.betas,
                                       fit if not grid.fixed else (lambda Ws: None))
-    res = run((W64 * lam[None, :]).astype(np.float32))
-    return build_result(W64, res.main, res.left, res.right, method="loraq",
+    return _smoothed(W64, run((W64 * lam[None, :]).astype(np.float32)), lam, X, chosen)
+
+
+def _smoothed(W64, res, lam, X, chosen):
+    """The result of a fit of W diag(lambda), restated for W itself: w_hat, the errors and
+    the output error against W, the smoothing vector, and the chosen (alpha, beta)."""
+    return build_result(W64, res.main, res.left, res.right, method=res.method,
                         main_format=res.main_format, branch_format=res.branch_format,
                         omega=res.omega, history=res.history, steps=res.steps,
                         converged=res.converged, smooth=lam, X=X,
@@ -115,8 +121,6 @@ def paper_lr(W, branch: str) -> float:
     weight, in the optimizer's units. The optimizer works on W / c (c = 2^round(log2 rms W))
     and on factors L R of that; factors of W itself are sqrt(c) times larger, and Adam's
     step is in the parameter's units, so the step there is the paper's divided by sqrt(c)."""
-    from numfmt.formats import FloatFormat
-
     fmt = numfmt.get(branch)
     elem = getattr(fmt, "element", fmt)
     lr = 1e-3 if isinstance(elem, FloatFormat) else 1e-4
@@ -128,8 +132,6 @@ def paper_lr(W, branch: str) -> float:
 def _fit_output_smoothed(W, recipe: Recipe, acts, rank: int, device=None):
     """SVDQuant or LoRaQ on W diag(lambda), lambda from ``analysis.smoothing.search`` (the
     quantized layer's output MSE, activation quantizer in the loop)."""
-    from analysis import smoothing
-
     X = as_activations(acts, W.shape[1])
     W64 = W.astype(np.float64)
     sm = recipe.smoothing
@@ -141,11 +143,7 @@ def _fit_output_smoothed(W, recipe: Recipe, acts, rank: int, device=None):
         res = loraq.METHOD_FUNCTIONS["svdquant"](Ws, main=recipe.main_weight, rank=rank)
     else:
         res = fit_weight(Ws, recipe.replace(smoothing=None), None, device=device)
-    return build_result(W64, res.main, res.left, res.right, method=res.method,
-                        main_format=res.main_format, branch_format=res.branch_format,
-                        omega=res.omega, history=res.history, steps=res.steps,
-                        converged=res.converged, smooth=lam, X=X,
-                        config=dict(res.config, smoothing=list(chosen)))
+    return _smoothed(W64, res, lam, X, chosen)
 
 
 def _fit_layer(W, recipe, acts, device=None):
@@ -178,11 +176,13 @@ class Progress:
 
 
 def fit_layers(weights: dict, recipe: Recipe, activations: dict | None = None, *, store=None,
-               progress=None, client=None, device=None) -> dict:
+               progress=None, client=None, device=None, keep_w_hat: bool = True) -> dict:
     """{name: result} for every weight (see the module docstring), in ``weights``' order.
 
     ``activations`` maps a layer name to its calibration inputs (tokens x in);
-    ``store``: a ``LayerStore``; ``client``: a Dask client or None.
+    ``store``: a ``LayerStore``; ``client``: a Dask client or None. ``keep_w_hat=False``
+    drops each result's float32 reconstruction once it is stored (a model-sized copy in
+    all; ``load_result`` recomputes it from the codes).
     """
     prog = Progress(progress)
     results, todo = {}, []
@@ -194,6 +194,8 @@ def fit_layers(weights: dict, recipe: Recipe, activations: dict | None = None, *
             todo.append((name, (wrap(W), recipe, None if acts is None else wrap(acts), device)))
         else:
             results[name] = res
+            if not keep_w_hat:
+                res.w_hat = None
             prog.step(1, f"{recipe.name} {name}")
     if client is None and FIT_THREADS > 1 and len(todo) > 1:
         done = _fit_in_threads(todo)
@@ -203,6 +205,8 @@ def fit_layers(weights: dict, recipe: Recipe, activations: dict | None = None, *
     for name, res in done:
         if store is not None:
             store.save(recipe, name, res)
+        if not keep_w_hat:
+            res.w_hat = None
         results[name] = res
         prog.step(1, f"{recipe.name} {name}")
     return {n: results[n] for n in weights}

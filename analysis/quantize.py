@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -128,9 +129,11 @@ def swap(model: nn.Module, new: Mapping[str, nn.Module]) -> dict:
 
 
 def layer_weights(model: nn.Module, names: Sequence[str]) -> dict:
-    """{name: (out x in) float32 NumPy copy of the layer's weight}."""
-    return {n: layer_weight(model.get_submodule(n)).to(torch.float32).cpu().numpy().copy()
-            for n in names}
+    """{name: (out x in) float32 NumPy array of the layer's weight}: a view of the parameter
+    when it is already float32 on the CPU (no model-sized copy; nothing writes to it), else a
+    converted copy."""
+    return {n: np.ascontiguousarray(layer_weight(model.get_submodule(n)).to(torch.float32)
+                                    .cpu().numpy()) for n in names}
 
 
 def quantize_(model: nn.Module, recipe, calibration=None, layers=None, *, mode: str = "fast",
@@ -152,7 +155,8 @@ def quantize_(model: nn.Module, recipe, calibration=None, layers=None, *, mode: 
 
 def quantize_layers(model: nn.Module, recipe: Recipe, calibration, names: Sequence[str], *,
                     mode="fast", device=None, client=None, store=None, progress=None) -> dict:
-    """``quantize_`` on the named layers; returns {name: the fitted ``LoRaQResult``}."""
+    """``quantize_`` on the named layers; returns {name: the fitted ``LoRaQResult``, without
+    its ``w_hat``}."""
     if not names:
         raise ValueError("the model has no nn.Linear or 1x1 nn.Conv2d layers to quantize")
     weights = layer_weights(model, names)
@@ -164,8 +168,10 @@ def quantize_layers(model: nn.Module, recipe: Recipe, calibration, names: Sequen
                              "give calibration inputs, or use a recipe without smoothing "
                              "(e.g. W4A4+W8A8-nosmooth)")
         acts = capture_activations(model, calibration, names)
+    # w_hat (a float32 copy of each layer) is not needed to build the modules: dropped as the
+    # layers arrive, it does not add a model-sized copy to the peak
     results = fit_layers(weights, recipe, acts, store=store, progress=progress, client=client,
-                         device=device)
+                         device=device, keep_w_hat=False)
     swap(model, quantized_modules(model, names, results, recipe, mode, device))
     return results
 

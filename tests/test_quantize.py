@@ -197,6 +197,16 @@ def test_load_into_a_given_model_and_layer_filter(tmp_path):
     again = load_quantized(tmp_path / "c", model=_pixart(seed=5))  # other weights: overwritten
     x = _pixart_inputs(4)
     assert torch.equal(_output(again, x), _output(model, x))
+    # the stored codes, scales and buffers come back bit for bit (compared as integers)
+    for n, q in analysis.quantize.quantized_layers(model).items():
+        r = again.get_submodule(n)
+        for a, b in ((q.main_q, r.main_q), (q.left_q, r.left_q), (q.right_q, r.right_q)):
+            assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scales, b.scales)
+        for buf in ("weight", "left", "right", "smooth", "bias"):
+            ta, tb = getattr(q, buf), getattr(r, buf)
+            assert (ta is None) == (tb is None)
+            if ta is not None:
+                assert torch.equal(ta.view(torch.int32), tb.view(torch.int32)), (n, buf)
     with pytest.raises(ValueError, match="not quantizable layers"):
         quantize_(_pixart(), "W4A4", layers=["nope"])
     with pytest.raises(ValueError, match="give calibration inputs"):
