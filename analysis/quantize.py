@@ -50,10 +50,17 @@ def select_layers(model: nn.Module, layers=None) -> list[str]:
     if layers is None:
         return names
     if callable(layers):
-        return [n for n in names if layers(n, model.get_submodule(n))]
+        chosen = [n for n in names if layers(n, model.get_submodule(n))]
+        if names and not chosen:
+            raise InputError(f"the layers filter selected none of the model's {len(names)} "
+                             f"quantizable layers (e.g. {names[:3]})")
+        return chosen
     if isinstance(layers, str) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be None, a list of layer names or a callable "
                         f"(name, module) -> bool, got {type(layers).__name__}")
+    if not layers:
+        raise InputError("layers is an empty list; give layer names, a callable, or None for "
+                         "every quantizable layer")
     known = set(names)
     bad = [n for n in layers if n not in known]
     if bad:

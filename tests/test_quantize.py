@@ -209,6 +209,10 @@ def test_load_into_a_given_model_and_layer_filter(tmp_path):
                 assert torch.equal(ta.view(torch.int32), tb.view(torch.int32)), (n, buf)
     with pytest.raises(ValueError, match="not quantizable layers"):
         quantize_(_pixart(), "W4A4", layers=["nope"])
+    with pytest.raises(ValueError, match="selected none of the model's"):
+        quantize_(_pixart(), "W4A4", layers=lambda n, m: False)
+    with pytest.raises(ValueError, match="empty list"):
+        quantize_(_pixart(), "W4A4", layers=[])
     with pytest.raises(ValueError, match="give calibration inputs"):
         quantize_(_pixart(), "W4A4+W8A8")
 
